@@ -1,0 +1,128 @@
+"""The Qwen2.5 tokenizer and the chat template, in one place for sampling, training and data.
+
+Official Scale-RAE checkpoints ship the "slow" tokenizer files (vocab.json, merges.txt, added_tokens.json,
+tokenizer_config.json), saved by transformers' pure-Python Qwen2Tokenizer. We build the same byte-level BPE with the
+`tokenizers` library (as transformers' Qwen2 fast converter does): NFC normalization, the Qwen2 pre-tokenizer regex,
+byte-level alphabet, and added/special tokens split out before BPE. A `tokenizer.json`, when present, is used as is.
+
+Prompts use the `qwen_2` ChatML template with the system prompt "You are a helpful assistant." (official
+conversation.py, conv_qwen), which is byte-identical to Qwen2.5's template with that system prompt. Note that the
+checkpoints' tokenizer_config.json carries Qwen2.5's own default system prompt, which Scale-RAE does not use.
+"""
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_PLACEHOLDER = "<image>"  # stands for 256 image slots; never reaches the BPE
+IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"  # Scale-RAE's image markers (added tokens)
+CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"  # ChatML turn markers; <|im_end|> ends generation
+PAD = "<|endoftext|>"  # the official training pad token
+
+# Qwen2's pre-tokenizer regex (transformers tokenization_qwen2.PRETOKENIZE_REGEX).
+PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def turn(role, content):
+    """One ChatML turn, as the official preprocess_qwen template writes it."""
+    return f"{CHAT_START}{role}\n{content}{CHAT_END}\n"
+
+
+def chat_prompt(user, image=False):
+    """The inference prompt. With `image`, the user turn starts with `<im_start><image><im_end>\\n` (official cli)."""
+    if image:
+        user = f"{IMAGE_START}{IMAGE_PLACEHOLDER}{IMAGE_END}\n{user}"
+    return turn("system", SYSTEM_PROMPT) + turn("user", user) + f"{CHAT_START}assistant\n"
+
+
+def _added_tokens(folder):
+    """(content, special) of every added token, from added_tokens.json and tokenizer_config.json."""
+    tokens = {}
+    cfg_path = folder / "tokenizer_config.json"
+    if cfg_path.is_file():
+        for idx, t in json.loads(cfg_path.read_text()).get("added_tokens_decoder", {}).items():
+            tokens[int(idx)] = (t["content"], t.get("special", True))
+    path = folder / "added_tokens.json"
+    if path.is_file():
+        for content, idx in json.loads(path.read_text()).items():
+            tokens.setdefault(int(idx), (content, True))
+    return [tokens[i] + (i,) for i in sorted(tokens)]
+
+
+def build_bpe(vocab, merges):
+    """Qwen2's byte-level BPE from a vocab dict and a merges list (no added tokens yet)."""
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, continuing_subword_prefix="",
+                                 end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def read_merges(path):
+    merges = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        line = line.strip()
+        if not line or (i == 0 and line.startswith("#version")):
+            continue
+        a, b = line.split(" ")
+        merges.append((a, b))
+    return merges
+
+
+class Tokenizer:
+    """encode/decode plus the ids of the special tokens, all resolved from the files (no hard-coded ids)."""
+
+    def __init__(self, tok: HFTokenizer):
+        self.tok = tok
+        ids = {name: tok.token_to_id(name) for name in (CHAT_START, CHAT_END, IMAGE_START, IMAGE_END, PAD)}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks the special tokens {missing}; a Scale-RAE tokenizer must define them")
+        self.chat_start, self.chat_end = ids[CHAT_START], ids[CHAT_END]
+        self.image_start, self.image_end, self.pad = ids[IMAGE_START], ids[IMAGE_END], ids[PAD]
+
+    @classmethod
+    def from_dir(cls, folder):
+        """tokenizer.json if present, else the slow-format files (vocab.json + merges.txt + added tokens)."""
+        folder = Path(folder)
+        if (folder / "tokenizer.json").is_file():
+            return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")))
+        if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+            raise FileNotFoundError(f"no tokenizer in {folder}: need tokenizer.json, or vocab.json and merges.txt")
+        tok = build_bpe(json.loads((folder / "vocab.json").read_text(encoding="utf-8")), read_merges(folder / "merges.txt"))
+        # Added tokens go in id order; each keeps its id from the files (they follow the BPE vocabulary).
+        for content, special, idx in _added_tokens(folder):
+            added = AddedToken(content, special=special, normalized=False)
+            (tok.add_special_tokens if special else tok.add_tokens)([added])
+            if tok.token_to_id(content) != idx:
+                raise ValueError(f"added token {content!r} has id {tok.token_to_id(content)} but the files say {idx}")
+        return cls(tok)
+
+    def __len__(self):
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def encode_with_image(self, text, image_id):
+        """Token ids with every `<image>` replaced by one `image_id` placeholder (official tokenizer_image_token)."""
+        ids = []
+        for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:
+                ids.append(image_id)
+            ids += self.encode(chunk)
+        return ids
+
+    def save(self, folder):
+        self.tok.save(str(Path(folder) / "tokenizer.json"))

@@ -1,0 +1,130 @@
+"""Reading official weights: a Hub id or a local folder in, tensors with their official names out.
+
+Every component loads through these three functions, so every loader behaves the same way:
+  resolve(path)              a local folder as is, or a Hub repo downloaded once into the huggingface_hub cache;
+  read_safetensors(folder)   `model.safetensors` or a sharded `model.safetensors.index.json`, memory-mapped;
+  load_strict(module, sd)    one clear error listing every missing, unexpected or mis-shaped key, never a silent
+                             partial load (the official loaders use strict=False and ignore mismatches).
+Modules are built on the `meta` device and filled with `assign=True`, so a 7B model never exists twice in RAM.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or does not match the model it is loaded into."""
+
+
+def resolve(path_or_repo, allow_patterns=None):
+    """A local folder, or a Hub repo id fetched (and cached) with huggingface_hub. Returns the folder as a Path."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise WeightsError(f"{path} is a file; pass the folder that contains it (or a Hub repo id)")
+    name = str(path_or_repo)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise WeightsError(f"{name!r} is neither a local folder nor a Hub repo id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    try:
+        return Path(snapshot_download(name, allow_patterns=allow_patterns))
+    except HFValidationError as e:
+        raise WeightsError(f"{name!r} is not a valid Hub repo id: {e}") from None
+    except Exception as e:  # offline, unknown repo, gated repo, ...: one readable line instead of a traceback wall
+        raise WeightsError(
+            f"could not get {name!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
+            f"  Download it on a machine with network access (`huggingface-cli download {name}`) and pass the local "
+            f"folder instead, or check the repo id.") from None
+
+
+def read_config(folder, name="config.json"):
+    path = Path(folder) / name
+    if not path.is_file():
+        raise WeightsError(f"{path} not found: expected a {name} next to the weights")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+
+
+def safetensors_files(folder):
+    """The shard files of a checkpoint folder: a single model.safetensors, or those named by the index."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{index} is not a valid safetensors index ({e!r})") from None
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        raise WeightsError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+    for f in files:
+        if not f.is_file():
+            raise WeightsError(f"{f} is named by the index but missing (incomplete download?)")
+    return files
+
+
+def read_safetensors(folder, prefix="", keep=None):
+    """{name: tensor} of the tensors whose name starts with `prefix` (stripped), memory-mapped on the CPU.
+
+    `keep`, a tuple of name prefixes (after stripping), selects a part of a larger checkpoint. Only the selected
+    tensors are read, so loading `vision_model.` from a full SigLIP checkpoint never touches the text tower.
+    """
+    out = {}
+    for f in safetensors_files(folder):
+        try:
+            with safe_open(f, framework="pt", device="cpu") as st:
+                for k in st.keys():
+                    name = k[len(prefix):]
+                    if k.startswith(prefix) and (keep is None or name.startswith(keep)):
+                        out[name] = st.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"{f} is corrupt or truncated ({e}); delete it and download it again") from None
+    return out
+
+
+def save_safetensors(state_dict, path, metadata=None):
+    """Write a state dict as safetensors atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_strict(module: nn.Module, state_dict, what, dtype=None, optional=()):
+    """Load `state_dict` into `module` (typically built on `meta`) with assign=True after checking every key.
+
+    `optional` names buffers the file may or may not carry (e.g. tables the module can recompute); when absent the
+    module keeps its own value. Floating tensors are cast to `dtype` (default: the module's parameter dtype).
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict and k not in optional]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        def show(title, items):
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "") if items else ""
+        raise WeightsError(f"{what} does not match the model" + show("missing", missing)
+                           + show("unexpected", unexpected) + show("wrong shape", mismatched))
+    sd = {}
+    for k, v in state_dict.items():
+        want = expected[k]
+        if v.is_floating_point():
+            v = v.to(dtype or (want.dtype if want.is_floating_point() else v.dtype))
+        sd[k] = v
+    module.load_state_dict(sd, strict=False, assign=True)
+    meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if meta:
+        raise WeightsError(f"{what}: these tensors were neither in the file nor recomputed: {meta[:12]}")
+    return module
