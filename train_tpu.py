@@ -1,0 +1,507 @@
+"""Training Scale-RAE (arXiv 2601.16208): stage 1, stage 2 and the RAE pixel decoder, in one flat SPMD script.
+
+Reads top to bottom like nanoGPT's and DiT's train.py: arguments, setup, model, data, one training loop, checkpoints.
+The method and its numbers are the official trainer's (ZitengWangNYU/Scale-RAE scale_rae/train/, ~6,000 lines around
+the HF Trainer); what it does is summarized in the project's training notes §6.1, and the TPU parts follow the
+pytorch/xla FSDPv2 example and torchprime (one SPMD program, FSDP-sharded parameters, batch-sharded inputs).
+
+  --stage 1        Qwen2.5-Instruct weights + fresh latent queries, projectors and DiT; `<im_start>`/`<im_end>`
+                   are added to the vocabulary with mean-initialized embedding rows. Loss = CE + 2.0 x diffusion loss.
+  --stage 2        the same loss, from a stage-1 export.
+  --stage decoder  the RAE pixel decoder on frozen encoder latents: L1 + MSE in pixel space, with RAE's noise
+                   augmentation of the latents (sigma ~ U(0, tau) per image). RAE also uses LPIPS and a GAN loss;
+                   their weights (VGG, DINO discriminator) are not available here, so they are left out.
+
+Defaults are the official hyper-parameters: AdamW (eps 1e-8, no weight decay) with two groups, the LLM, latent
+queries and mm_projector at 5.65e-5, betas (0.9, 0.999), and every parameter whose name contains `diff_head` (the
+DiT and diff_head_projector) at 5.65e-4, betas (0.9, 0.95); linear warmup then cosine to 0; global-norm clipping at
+1.0; fp32 weights; CFG condition dropout 0.1 (in the DiT); frozen encoder; activation checkpointing per LLM layer
+and DiT block. Unlike the official code, a resumed run restores the optimizer state, the data position and the RNG.
+
+Backends (same loop):
+  torch_xla SPMD (when PJRT_DEVICE is set): one process per host drives all of its chips. The mesh is
+    (data, fsdp); each parameter is sharded over `fsdp` on its largest divisible dimension (FSDP, as FSDPv2 does),
+    the batch over (data, fsdp). A step is one XLA graph (traced, then `torch_xla.sync()`); logging runs in step
+    closures, so the host never waits for the device except when it logs or saves.
+  plain PyTorch (no torch_xla, or --backend torch): one CUDA device if there is one, else the CPU.
+
+Launch:
+  TPU pod, every host runs the same command (torch_xla's usual multi-host launch), outputs on a shared bucket mount:
+    gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="cd scale-rae && \\
+      PJRT_DEVICE=TPU python train_tpu.py --stage 1 --data /mnt/data/wds_manifest.json --steps 60000 \\
+      --out /mnt/ckpt/stage1 --resume --peak-tflops 275"
+    (--resume makes the same command restart a preempted run from its last checkpoint.)
+  CPU through torch_xla's CPU runtime (how the tests run it):
+    PJRT_DEVICE=CPU CPU_NUM_DEVICES=8 python train_tpu.py --preset toy --stage 1 --data shapes/data.jsonl ...
+  One GPU, or the CPU, without torch_xla:
+    python train_tpu.py --backend torch --preset toy --stage 1 --data shapes/data.jsonl ...
+
+Outputs in --out: args.json, log.jsonl (one line per log step), ckpt-<step>/ (model + optimizer via
+torch.distributed.checkpoint, one file per host; host<r>.pt with step, data position and RNG; manifest.json with
+every file's size, written last), and export/ at the end: the official on-disk format that sample.py loads.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+
+from data import SampleStream, batches, open_source
+from dit import DIT_PRESETS, dit_flops
+from encoders import load_encoder
+from model import QWEN_PRESETS, ScaleRAE, ScaleRAEConfig
+from rae import DECODER_PRESETS, RAEDecoder
+from tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+
+STAGE_DEFAULTS = {  # official values (training notes §6.1, items 12-16); the decoder's are RAE's (ViT-XL recipe)
+    "1": dict(lr=5.65e-5, warmup_ratio=0.0134, seq_len=512, log_every=100),
+    "2": dict(lr=5.66e-5, warmup_ratio=0.03, seq_len=1024, log_every=10),
+    "decoder": dict(lr=2e-4, warmup_ratio=1 / 16, seq_len=512, log_every=100),
+}
+TOY = dict(llm="toy", dit="toy", decoder="toy", encoder="toy/encoder", tokenizer="toy/tokenizer")  # issue 7 sizes
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--stage", required=True, choices=["1", "2", "decoder"])
+parser.add_argument("--preset", choices=["toy"], help="toy sizes for every component (LLM, DiT, encoder, decoder)")
+parser.add_argument("--init", help="stage 1: Qwen2.5 weights (folder or Hub id; default Qwen/Qwen2.5-1.5B-Instruct, "
+                    "none with --preset toy: random); stage 2: a stage-1 export")
+parser.add_argument("--llm", help=f"LLM preset when stage 1 starts without --init ({', '.join(QWEN_PRESETS)})")
+parser.add_argument("--dit", default="dit-2.4b", help=f"stage-1 DiT preset ({', '.join(DIT_PRESETS)})")
+parser.add_argument("--decoder", default="vit-xl", help=f"decoder preset ({', '.join(DECODER_PRESETS)})")
+parser.add_argument("--encoder", help="frozen encoder, folder or Hub id (stage 1 and decoder: default "
+                    "google/siglip2-so400m-patch14-224; stage 2: the one named in the stage-1 config)")
+parser.add_argument("--tokenizer", help="tokenizer folder (default: the --init folder)")
+parser.add_argument("--data", required=True, help="a JSONL file or a wds_manifest.json (data.py)")
+parser.add_argument("--image-folder", help="root of relative image paths in a JSONL (default: its folder)")
+parser.add_argument("--out", required=True, help="run folder; an existing run is only continued with --resume")
+parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
+parser.add_argument("--steps", type=int, required=True, help="optimizer steps (the schedule's length)")
+parser.add_argument("--batch-size", type=int, help="global batch (default 128 per host, as the official runs)")
+parser.add_argument("--seq-len", type=int, help="fixed sequence length L (default 512 stage 1, 1024 stage 2)")
+parser.add_argument("--lr", type=float, help="LLM/decoder learning rate (default: the stage's official value)")
+parser.add_argument("--diff-head-lr-scale", type=float, default=10.0, help="diff_head lr = this x --lr")
+parser.add_argument("--warmup-ratio", type=float, help="linear warmup over ceil(ratio x steps) steps")
+parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="the cosine ends at this fraction of the lr")
+parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping")
+parser.add_argument("--vision-coef", type=float, default=2.0, help="loss = CE + vision_coef x diffusion loss")
+parser.add_argument("--noise-tau", type=float, default=0.8, help="decoder: latent noise sigma ~ U(0, tau) (RAE)")
+parser.add_argument("--no-grad-ckpt", action="store_true", help="keep activations instead of recomputing them")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--log-every", type=int)
+parser.add_argument("--save-every", type=int, default=1000)
+parser.add_argument("--keep", type=int, default=5, help="checkpoints kept (the official max_to_keep)")
+parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one chip, for the MFU in the logs")
+parser.add_argument("--backend", choices=["auto", "xla", "torch"], default="auto",
+                    help="auto: torch_xla SPMD when PJRT_DEVICE is set, else plain PyTorch")
+parser.add_argument("--data-parallel", type=int, default=1, help="size of the mesh's `data` axis (fsdp = the rest)")
+args = parser.parse_args()
+
+for k, v in (TOY if args.preset == "toy" else {}).items():
+    if getattr(args, k) is None or k in ("dit", "decoder") and getattr(args, k) == parser.get_default(k):
+        setattr(args, k, v)
+for k, v in STAGE_DEFAULTS[args.stage].items():
+    setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+if args.stage == "1" and args.init is None and args.preset is None:
+    args.init = "Qwen/Qwen2.5-1.5B-Instruct"
+if args.stage == "2" and args.init is None:
+    parser.error("--stage 2 starts from a stage-1 export: pass --init")
+if args.stage != "2" and args.encoder is None:
+    args.encoder = "google/siglip2-so400m-patch14-224"
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup: backend, devices, mesh, run folder
+
+USE_XLA = args.backend == "xla" or (args.backend == "auto" and "PJRT_DEVICE" in os.environ)
+if USE_XLA:
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+    import torch_xla.debug.metrics as met
+    import torch_xla.distributed.spmd as xs
+    import torch_xla.distributed.xla_backend  # noqa: F401  (registers the xla:// rendezvous)
+    import torch_xla.runtime as xr
+    from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
+
+    xr.use_spmd()
+    dist.init_process_group("gloo", init_method="xla://")  # a CPU group: checkpoints and barriers across hosts
+    device, rank, world = torch_xla.device(), xr.process_index(), xr.process_count()
+    n_devices = xr.global_runtime_device_count()
+    if n_devices % args.data_parallel:
+        parser.error(f"--data-parallel {args.data_parallel} does not divide the {n_devices} devices")
+    mesh = xs.Mesh(np.arange(n_devices), (args.data_parallel, n_devices // args.data_parallel), ("data", "fsdp"))
+    fsdp = mesh.shape()["fsdp"]
+else:
+    device, rank, world, n_devices = torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1, 1
+args.batch_size = args.batch_size or 128 * world
+if args.batch_size % n_devices:
+    parser.error(f"--batch-size {args.batch_size} must be a multiple of the {n_devices} devices")
+
+
+def fsdp_spec(p):
+    """FSDP: shard a parameter over `fsdp` on its largest dimension that divides evenly (else replicate it)."""
+    dims = [d for d in sorted(range(p.dim()), key=lambda d: -p.shape[d]) if p.shape[d] % fsdp == 0]
+    return tuple("fsdp" if dims and d == dims[0] else None for d in range(p.dim()))
+
+
+def to_device(batch):
+    """Host batch -> device. Under SPMD each host passes its slice and XLA assembles the global batch, sharded on
+    dim 0 over every device (minibatch=True)."""
+    if not USE_XLA:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    keys = list(batch)
+    specs = [xs.ShardingSpec(mesh, (("data", "fsdp"),) + (None,) * (batch[k].dim() - 1), minibatch=True) for k in keys]
+    # One call per spec (ranks differ); send_cpu_data_to_device batches the transfers of a list.
+    return {k: xm.send_cpu_data_to_device([batch[k]], device, spec)[0] for k, spec in zip(keys, specs)}
+
+
+def on_host(fn, *fn_args):
+    """Run fn once the current step's tensors exist: an XLA step closure (after the graph ran), else right away."""
+    xm.add_step_closure(fn, fn_args) if USE_XLA else fn(*fn_args)
+
+
+def sync():  # end of a step: compile (once) and launch the traced XLA graph; the host does not wait for it
+    if USE_XLA:
+        torch_xla.sync()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+out = Path(args.out)
+log_path = out / "log.jsonl"
+if out.exists() and any(out.iterdir()) and not args.resume:
+    raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+if (out / "export").exists():
+    raise SystemExit(f"{out} holds a finished run (export/ exists); nothing to do")
+if rank == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "args.json").exists():
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+barrier()
+saved_args = json.loads((out / "args.json").read_text())
+free = ("out", "resume", "log_every", "save_every", "keep", "peak_tflops", "backend", "data_parallel")
+changed = {k: (saved_args.get(k), v) for k, v in vars(args).items() if k not in free and saved_args.get(k) != v}
+if changed:
+    raise SystemExit(f"the run in {out} was started with other arguments (saved, now): {changed}. Resume it with "
+                     f"the same ones (or edit {out / 'args.json'} if you know the change is safe).")
+
+
+def log(msg):
+    if rank == 0:
+        print(msg, flush=True)
+
+
+torch.manual_seed(args.seed)  # every host builds the same initial weights
+random.seed(args.seed)
+np.random.seed(args.seed)
+if USE_XLA:
+    xm.set_rng_state(args.seed)
+if device.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 training, as the official runs
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: what is trained, what is frozen, the loss of one batch
+
+encoder_path = args.encoder
+if args.stage == "2":
+    model = ScaleRAE.from_pretrained(args.init).train()
+    tokenizer = Tokenizer.from_dir(args.tokenizer or args.init)
+    encoder_path = encoder_path or model.config.encoder
+encoder = load_encoder(encoder_path, device=device)  # frozen: eval mode, requires_grad False, replicated on devices
+
+if args.stage == "1":
+    tokenizer = Tokenizer.from_dir(args.tokenizer or args.init, add_image_markers=True)
+    if args.init:  # Qwen2.5 weights; the new modules keep their fresh initialization
+        from model import Qwen2ForCausalLM
+        llm = Qwen2ForCausalLM.from_pretrained(args.init)
+        cfg = ScaleRAEConfig(**vars(llm.config), dit=DIT_PRESETS[args.dit], mm_hidden_size=encoder.hidden_size,
+                             encoder=encoder_path, tokenizer_model_max_length=args.seq_len)
+        model = ScaleRAE(cfg)
+        missing, unexpected = model.load_state_dict(llm.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith(("model.latent_queries", "model.mm_projector", "diff_head"))
+                                      for k in missing), (missing, unexpected)
+        del llm
+    else:
+        cfg = ScaleRAEConfig(**vars(QWEN_PRESETS[args.llm]), dit=DIT_PRESETS[args.dit],
+                             mm_hidden_size=encoder.hidden_size, encoder=encoder_path,
+                             tokenizer_model_max_length=args.seq_len)
+        model = ScaleRAE(cfg)
+    model.resize_token_embeddings(len(tokenizer))  # + <im_start>, <im_end>, mean-initialized (official)
+    model.train()
+
+if args.stage == "decoder":
+    model = RAEDecoder(DECODER_PRESETS[args.decoder], encoder.hidden_size, encoder.image_mean, encoder.image_std)
+    tokenizer = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
+    model.train()
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (encoder.image_mean, encoder.image_std))
+    out_size = model.config.image_size
+
+    def compute_loss(batch):
+        """L1 + MSE between the decoded noisy latents and the image, in [0, 1] pixels, over rows with an image."""
+        with torch.no_grad():
+            z = encoder.encode(batch["pixel_values"])  # (B, 256, C)
+            sigma = args.noise_tau * torch.rand(z.shape[0], 1, 1, device=z.device)
+            z = z + sigma * torch.randn_like(z)  # RAE's noise augmentation: a decoder robust to imperfect latents
+            target = batch["pixel_values"] * std + mean  # (B, 3, S, S) in [0, 1]
+            if target.shape[-1] != out_size:  # e.g. a 256px decoder on a 224px encoder
+                target = F.interpolate(target, size=(out_size, out_size), mode="bicubic", align_corners=False)
+        err = model(z) - target  # (B, 3, H, W)
+        w = batch["has_image"].float()
+        n = w.sum().clamp(min=1)
+        l1 = (err.abs().mean((1, 2, 3)) * w).sum() / n
+        mse = (err.pow(2).mean((1, 2, 3)) * w).sum() / n
+        return l1 + mse, dict(l1=l1, mse=mse)
+else:
+    def compute_loss(batch):
+        with torch.no_grad():
+            features = encoder.encode(batch["pixel_values"])  # (B, 256, C) frozen latents: input and target
+        loss, ce, diff = model.training_loss(batch["input_ids"], batch["labels"], features, batch["image_is_target"],
+                                             args.vision_coef)
+        return loss, dict(ce=ce, diff=diff)
+
+n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+log(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, encoder {encoder_path} (frozen), "
+    f"{'torch_xla SPMD on ' + str(n_devices) + ' devices, ' + str(world) + ' host(s)' if USE_XLA else device}")
+
+if not args.no_grad_ckpt:  # recompute each LLM layer / DiT block in the backward pass
+    if USE_XLA:
+        from torch_xla.utils.checkpoint import checkpoint as checkpoint_fn
+    else:
+        from torch.utils.checkpoint import checkpoint as checkpoint_fn
+    model.checkpoint_layers = checkpoint_fn
+
+if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/xla#3811); before the optimizer
+    from torch_xla.distributed.spmd.xla_sharding import apply_xla_patch_to_nn_linear
+    apply_xla_patch_to_nn_linear(model)
+model.to(device)
+if USE_XLA:
+    for p in model.parameters():
+        xs.mark_sharding(p, mesh, fsdp_spec(p))
+
+head = [p for n, p in model.named_parameters() if "diff_head" in n and p.requires_grad]
+rest = [p for n, p in model.named_parameters() if "diff_head" not in n and p.requires_grad]
+groups = [dict(params=rest, lr=args.lr, betas=(0.9, 0.999) if args.stage != "decoder" else (0.9, 0.95))]
+if head:
+    groups.append(dict(params=head, lr=args.lr * args.diff_head_lr_scale, betas=(0.9, 0.95)))
+optimizer = torch.optim.AdamW(groups, eps=1e-8, weight_decay=0.0)
+for p in (p for g in groups for p in g["params"]):
+    # AdamW's state as its first step would create it, made now (sharded like its parameter): every step then
+    # runs the same graph, and a checkpoint has tensors to be restored into.
+    state = optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    if USE_XLA:
+        for t in (state["exp_avg"], state["exp_avg_sq"]):
+            xs.mark_sharding(t, mesh, fsdp_spec(p))
+sync()  # materialize it: a checkpoint is restored into device buffers
+base_lrs = [g["lr"] for g in optimizer.param_groups]
+warmup = math.ceil(args.warmup_ratio * args.steps)
+
+
+def lr_factor(step):
+    """HF's cosine schedule (as patched by the official code), with `step` optimizer steps already taken."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.min_lr_ratio + (1 - args.min_lr_ratio) * max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def flops_per_sample():
+    """Model FLOPs of one training sample (forward x 3 for forward + backward; the frozen encoder forward only),
+    counting matmuls and attention products, for the MFU."""
+    enc = 2 * sum(p.numel() for p in encoder.parameters()) * encoder.num_tokens
+    if args.stage == "decoder":
+        c = model.config
+        layer = 4 * c.decoder_hidden_size ** 2 + 2 * c.decoder_hidden_size * c.decoder_intermediate_size
+        T = encoder.num_tokens + 1
+        fwd = 2 * T * (c.decoder_num_hidden_layers * layer + c.decoder_hidden_size * (encoder.hidden_size + 3 * c.patch_size ** 2))
+        return enc + 3 * (fwd + 4 * c.decoder_num_hidden_layers * T * T * c.decoder_hidden_size)
+    c, L = model.config, args.seq_len
+    llm = sum(p.numel() for p in model.model.layers.parameters()) + c.vocab_size * c.hidden_size  # + LM head
+    fwd = 2 * L * llm + 4 * c.num_hidden_layers * L * L * c.hidden_size + dit_flops(c.dit)
+    return enc + 3 * fwd
+
+
+def train_step(batch):
+    loss, parts = compute_loss(batch)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss.detach(), **{k: v.detach() for k, v in parts.items()}, grad_norm=grad_norm)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: this host's shard of the stream, fixed-shape batches
+
+per_host = args.batch_size // world
+stream = SampleStream(open_source(args.data, args.image_folder), tokenizer, args.seq_len, rank=rank, world=world,
+                      seed=args.seed, images_only=args.stage == "decoder")
+tokens_per_sample = args.seq_len if args.stage != "decoder" else encoder.num_tokens
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written into a temporary folder, renamed when complete; the newest intact one is resumed
+
+
+def checkpoints():
+    return sorted(out.glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                xla=xm.get_rng_state() if USE_XLA else None)
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["xla"] is not None:
+        xm.set_rng_state(s["xla"])
+
+
+def save_checkpoint(step):
+    final, tmp = out / f"ckpt-{step}", out / f"tmp-ckpt-{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict())
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), planner=SPMDSavePlanner() if USE_XLA else None)
+    torch.save(dict(step=step, data=stream.state_dict(), rng=rng_state()), tmp / f"host{rank}.pt")
+    barrier()
+    if rank == 0:  # manifest last: a folder without one, or with a file of another size, is not a checkpoint
+        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        with open(tmp / "manifest.json", "w") as f:
+            json.dump(dict(step=step, files=sizes), f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
+        tmp.rename(final)
+        for old in checkpoints()[:-args.keep]:
+            shutil.rmtree(old)
+    barrier()
+
+
+def check_checkpoint(path):
+    """None if the folder is a complete checkpoint, else what is wrong with it."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable manifest ({e})"
+    for name, size in manifest["files"].items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if (path / name).stat().st_size != size:
+            return f"{name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def load_checkpoint(path):
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict())
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=SPMDLoadPlanner() if USE_XLA else None)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    host = torch.load(path / f"host{rank}.pt", weights_only=False)
+    stream.load_state_dict(host["data"])
+    set_rng_state(host["rng"])
+    sync()  # the restored tensors become device buffers before the first step is traced
+    return host["step"]
+
+
+start = 0
+if rank == 0:
+    for stale in out.glob("tmp-ckpt-*"):  # a save that a crash interrupted
+        shutil.rmtree(stale)
+for path in reversed(checkpoints()):
+    problem = check_checkpoint(path)
+    if problem is None:
+        try:
+            start = load_checkpoint(path)
+            log(f"resumed from {path} at step {start}")
+            break
+        except Exception as e:  # e.g. a corrupt shard that still has the right size
+            problem = f"{type(e).__name__}: {e}"
+    log(f"skipping checkpoint {path}: {problem}")
+else:
+    if checkpoints():
+        raise SystemExit(f"no intact checkpoint in {out}; move the broken ones away to start over")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+meter = dict(time=time.perf_counter(), step=start, halt=None)
+total_flops = flops_per_sample() * args.batch_size
+
+
+def report(step, metrics, lrs, bad):
+    """Runs on the host once the step's tensors exist."""
+    now = time.perf_counter()
+    dt, steps = now - meter["time"], step - meter["step"]
+    meter.update(time=now, step=step)
+    rec = dict(step=step, **{k: v.item() for k, v in metrics.items()}, lr=lrs[0])
+    if len(lrs) > 1:
+        rec["lr_diff_head"] = lrs[1]
+    rec["samples_per_s"] = steps * args.batch_size / dt
+    rec["tokens_per_s"] = rec["samples_per_s"] * tokens_per_sample
+    if args.peak_tflops:
+        rec["mfu"] = steps * total_flops / dt / (args.peak_tflops * 1e12 * n_devices)
+    if USE_XLA:
+        rec["compiles"] = met.counter_value("UncachedCompile") or 0
+    if bad.item() or not math.isfinite(rec["loss"]):
+        meter["halt"] = step
+    if rank == 0:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+batch_iter = batches(stream, per_host, encoder.preprocess, encoder.image_size)
+bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient since the last check
+for step in range(start + 1, args.steps + 1):
+    batch = to_device(next(batch_iter))
+    for g, base in zip(optimizer.param_groups, base_lrs):
+        # A Python float: XLA passes it as data, not as a constant, so a new value does not recompile the step. Only
+        # step 1 (lr 0 in both groups, which XLA passes as one shared value) compiles a graph of its own.
+        g["lr"] = base * lr_factor(step - 1)
+    metrics = train_step(batch)
+    bad = bad | ~torch.isfinite(metrics["loss"]) | ~torch.isfinite(metrics["grad_norm"])
+    if step % args.log_every == 0 or step == args.steps:
+        on_host(report, step, metrics, [g["lr"] for g in optimizer.param_groups], bad)
+    sync()
+    if meter["halt"] is None and (step % args.save_every == 0 or step == args.steps):
+        if bad.item() or not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item():
+            meter["halt"] = step  # never write a checkpoint of non-finite weights
+    if meter["halt"] is not None:
+        last = checkpoints()[-1].name if checkpoints() else "none"
+        raise SystemExit(f"non-finite loss or gradient norm by step {meter['halt']}: stopping. The last good "
+                         f"checkpoint ({out / last}) is untouched; resume from it with a lower --lr or other data.")
+    if step % args.save_every == 0 or step == args.steps:
+        save_checkpoint(step)
+        log(f"saved {out / f'ckpt-{step}'}")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export: the official on-disk format (sample.py loads it)
+
+model.to("cpu")  # gathers the shards; every host takes part
+if rank == 0:
+    if args.stage == "decoder":
+        model.save_pretrained(out / "export")
+    else:
+        model.save_pretrained(out / "export", tokenizer)
+    log(f"exported {out / 'export'}")
+barrier()
