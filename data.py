@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from tokenizer import CHAT_END, CHAT_START, IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, SYSTEM_PROMPT, turn
+from tokenizer import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, SYSTEM_PROMPT, turn
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,11 @@ def encode_conversation(tokenizer, conversations, has_image, max_len, image_toke
     Raises Skip("malformed") for a conversation it cannot read, Skip("too_many_images") for more than one
     `<image>`, Skip("too_long") for an image sample longer than max_len once expanded (text-only ones are truncated).
     """
-    try:
-        turns = [(ROLES.get(t.get("from", t.get("role")), t.get("from", t.get("role"))), t.get("value", t.get("content")))
-                 for t in conversations]
+    try:  # official field names from/value; role/content are read too, as official
+        turns = [(t.get("from", t.get("role")), t.get("value", t.get("content"))) for t in conversations]
     except (AttributeError, TypeError):
         raise Skip("malformed", "conversations must be a list of {from, value} objects") from None
+    turns = [(ROLES.get(role, role), content) for role, content in turns]
     if not turns or any(not isinstance(r, str) or not isinstance(c, str) for r, c in turns):
         raise Skip("malformed", "empty conversation or a turn without a role/text")
     if has_image and not any(IMAGE_PLACEHOLDER in c for _, c in turns):
@@ -257,7 +257,11 @@ class Sample:
 
 
 class SampleStream:
-    """Endless iterator of `Sample`s for data-parallel host `rank` of `world` (see the module docstring)."""
+    """Endless iterator of `Sample`s for data-parallel host `rank` of `world` (see the module docstring).
+
+    max_len: the fixed sequence length L (official model_max_length). buffer_size: records shuffled together.
+    epochs: stop after this many (None: never stop). `stats` counts records read, samples used, and skips by reason.
+    """
 
     def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
                  epochs=None, image_tokens=IMAGE_TOKENS):
@@ -289,6 +293,7 @@ class SampleStream:
     def __iter__(self):
         while self.epochs is None or self.position["epoch"] < self.epochs:
             epoch, shard, offset, taken = (self.position[k] for k in ("epoch", "shard", "offset", "taken"))
+            whole_epoch, used = (shard, offset, taken) == (0, 0, 0), self.stats["used"]
             records = self._records(epoch, shard, offset)
             while block := list(islice(records, self.buffer_size)):
                 order = list(range(len(block)))
@@ -301,6 +306,8 @@ class SampleStream:
                         yield sample
                 _, shard, offset = block[-1]  # the next block starts here
                 taken = 0
+            if whole_epoch and self.stats["used"] == used:  # an endless stream would otherwise spin forever
+                raise RuntimeError(f"no usable sample in a whole epoch of host {self.rank}'s data: {dict(self.stats)}")
             self.position = dict(epoch=epoch + 1, shard=0, offset=0, taken=0)
 
     def _sample(self, record):
@@ -431,6 +438,8 @@ def generation_prompt(s, phrasing=0):
 
 def random_shapes(rng, holdout=()):
     """Uniform attributes; (color, shape) pairs in `holdout` are never drawn (for compositional evaluation)."""
+    if {(c, s) for c in COLORS for s in SHAPES} <= set(holdout):
+        raise ValueError("the holdout excludes every (color, shape) pair: nothing left to draw")
     while True:
         s = Shapes(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randint(1, 3), rng.choice(SIZES),
                    rng.choice(POSITIONS))
@@ -511,14 +520,17 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
     if not set(formats) <= {"jsonl", "wds"} or not formats:
         raise ValueError(f"formats must be a subset of ('jsonl', 'wds'), got {formats}")
     folder = Path(folder)
-    samples = [shapes_sample(seed, i, image_size, understanding_fraction, holdout) for i in range(n)]
+    samples = []  # (record, PNG bytes): compressed, so a large dataset fits in memory while it is written
+    for i in range(n):
+        record, image = shapes_sample(seed, i, image_size, understanding_fraction, holdout)
+        samples.append((record, _png(image)))
     names = [f"sample_{i:06d}" for i in range(n)]
     out = {}
     if "jsonl" in formats:
         (folder / "images").mkdir(parents=True, exist_ok=True)
         lines = []
-        for name, (record, image) in zip(names, samples):
-            _write_atomic(folder / "images" / f"{name}.png", _png(image))
+        for name, (record, png) in zip(names, samples):
+            _write_atomic(folder / "images" / f"{name}.png", png)
             lines.append(json.dumps(dict(image=f"images/{name}.png", **record)))
         _write_atomic(folder / "data.jsonl", ("\n".join(lines) + "\n").encode())
         out["jsonl"] = folder / "data.jsonl"
@@ -529,12 +541,12 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
             tars.append(f"shards/shard_{t // samples_per_tar:05d}.tar")
             tmp = folder / f"{tars[-1]}.tmp"
             with tarfile.open(tmp, "w") as tar:
-                for name, (record, image) in zip(names[t:t + samples_per_tar], samples[t:t + samples_per_tar]):
+                for name, (record, png) in zip(names[t:t + samples_per_tar], samples[t:t + samples_per_tar]):
                     meta = json.dumps(dict(record, image_filename=f"{name}.png")).encode()
-                    for member, data in ((f"{name}.json", meta), (f"{name}.png", _png(image))):
+                    for member, blob in ((f"{name}.json", meta), (f"{name}.png", png)):
                         info = tarfile.TarInfo(member)
-                        info.size = len(data)  # mtime stays 0: the same seed gives byte-identical tars
-                        tar.addfile(info, io.BytesIO(data))
+                        info.size = len(blob)  # mtime stays 0: the same seed gives byte-identical tars
+                        tar.addfile(info, io.BytesIO(blob))
             os.replace(tmp, folder / tars[-1])
         manifest = dict(dataset_name=f"shapes-seed{seed}", tars=tars, samples_per_tar_assumption=samples_per_tar,
                         estimated_total_samples=n)

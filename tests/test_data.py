@@ -217,6 +217,9 @@ def test_clear_errors_before_any_work(tok, tmp_path):
     src = open_source(write_jsonl(tmp_path, [dict(conversations=chat("a", "b"))]))
     with pytest.raises(ValueError, match="1 shard"):
         SampleStream(src, tok, 64, rank=0, world=2)
+    nothing = open_source(write_jsonl(tmp_path, [dict(image="gone.png", conversations=chat("a", "b"))] * 3))
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        take(SampleStream(nothing, tok, 300), 1)
 
 
 # ---- sharding, shuffling, resume -----------------------------------------------------------------------------
