@@ -73,7 +73,7 @@ class Skip(Exception):
 
 @functools.lru_cache(maxsize=4)
 def _fixed_ids(tokenizer):
-    """The system turn's ids, and the ids labelled everywhere: "\\n", <|im_start|>, <|im_end|> (official unmask list)."""
+    """The system turn's ids, and the ids labelled everywhere: "\\n", <|im_start|>, <|im_end|> (official list)."""
     newline = tokenizer.encode("\n")
     if len(newline) != 1:
         raise ValueError(f"the tokenizer encodes '\\n' as {newline}, not as one token")
@@ -341,14 +341,17 @@ class SampleStream:
     def state_dict(self):
         """The position after the last sample yielded, plus what must match on restore, plus the skip counts."""
         return dict(position=dict(self.position), stats=dict(self.stats), rank=self.rank, world=self.world,
-                    seed=self.seed, shuffle=self.shuffle, buffer_size=self.buffer_size, num_shards=self.source.num_shards)
+                    seed=self.seed, shuffle=self.shuffle, buffer_size=self.buffer_size,
+                    num_shards=self.source.num_shards)
 
     def load_state_dict(self, state):
         for k in ("rank", "world", "seed", "shuffle", "buffer_size"):
             if state[k] != getattr(self, k):
-                raise ValueError(f"data position saved with {k}={state[k]} cannot resume a stream with {k}={getattr(self, k)}")
+                raise ValueError(f"data position saved with {k}={state[k]} cannot resume a stream with "
+                                 f"{k}={getattr(self, k)}")
         if state["num_shards"] != self.source.num_shards:
-            raise ValueError(f"data position saved for {state['num_shards']} shards, the data now has {self.source.num_shards}")
+            raise ValueError(f"data position saved for {state['num_shards']} shards, "
+                             f"the data now has {self.source.num_shards}")
         self.position, self.stats = dict(state["position"]), Counter(state["stats"])
 
 
@@ -492,7 +495,8 @@ def shapes_sample(seed, index, image_size=224, understanding_fraction=0.5, holdo
         agree = {"is": "is" if one else "are", "Is": "Is" if one else "Are", "noun": "shape" if one else "shapes"}
         question = rng.choice(QUESTIONS[attr]).format(**agree)
         answer = COUNT_WORDS[s.count] if attr == "count" else getattr(s, attr)
-        conversations = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}, {"from": "gpt", "value": answer}]
+        conversations = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                         {"from": "gpt", "value": answer}]
         meta.update(task="understanding", question=attr, answer=answer)
     else:
         conversations = [{"from": "human", "value": generation_prompt(s, rng.randrange(len(REQUESTS)))},
