@@ -226,17 +226,20 @@ class Qwen2ForCausalLM(nn.Module):
             positions = torch.arange(start, start + x.shape[1], device=x.device).expand(x.shape[0], -1)
         return self.model(x, positions, mask, cache)
 
+    checkpoint_keys = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")  # the LM in a bigger file
+    config_from = QwenConfig.from_dict
+
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """Qwen2 weights from a local folder or Hub id; only the LM's keys are read from a larger checkpoint."""
+        """Weights from a local folder or Hub id: config.json + model.safetensors (or sharded), strictly loaded."""
         folder = resolve(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-        cfg = QwenConfig.from_dict(read_config(folder))
+        cfg = cls.config_from(read_config(folder))
         with torch.device("meta"):
             model = cls(cfg)
-        sd = read_safetensors(folder, keep=("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."))
+        sd = read_safetensors(folder, keep=cls.checkpoint_keys)
         if cfg.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # tied: the official save drops it, and transformers re-ties it anyway
-        load_strict(model, sd, f"Qwen2 weights in {folder}", dtype=dtype)
+        load_strict(model, sd, f"{cls.__name__} weights in {folder}", dtype=dtype)
         return model.to(device).eval()
 
 
@@ -437,18 +440,8 @@ class ScaleRAE(Qwen2ForCausalLM):
         return self.diff_head.sample(conditions, noise, steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                                      progress=progress)
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """A Scale-RAE checkpoint folder (or Hub id): config.json + model.safetensors (or sharded), strictly loaded."""
-        folder = resolve(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-        cfg = ScaleRAEConfig.from_official(read_config(folder))
-        with torch.device("meta"):
-            model = cls(cfg)
-        sd = read_safetensors(folder)
-        if cfg.tie_word_embeddings:
-            sd.pop("lm_head.weight", None)  # tied: the official save drops it, and the official loader re-ties it
-        load_strict(model, sd, f"Scale-RAE checkpoint {folder}", dtype=dtype)
-        return model.to(device).eval()
+    checkpoint_keys = None  # every key of the file belongs to the model
+    config_from = ScaleRAEConfig.from_official
 
     def save_pretrained(self, folder, tokenizer):
         """Export in the official layout: config.json, model.safetensors (official keys, float32), tokenizer files.

@@ -183,7 +183,7 @@ def main(argv=None):
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     steps = args.steps if args.steps is not None else len(official_timesteps()[0])
-    results, latents_out = [], []
+    results = []
     if args.latent and not args.prompts:  # decode only
         results.append(dict(prompt=None, text="", token_ids=[], latents=[args.input_latent]))
     else:

@@ -11,7 +11,6 @@ Modules are built on the `meta` device and filled with `assign=True`, so a 7B mo
 import json
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 

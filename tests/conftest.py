@@ -6,6 +6,8 @@ Real geometry (224 px, patch 14, 256 tokens), tiny width (32) and depth (2)."""
 import pytest
 import torch
 
+from helpers import write_scale_rae_tokenizer
+
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -55,3 +57,15 @@ def tiny_dino_dir(request, tmp_path_factory):
     transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
                                    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """A Scale-RAE tokenizer folder (slow-format files) on the real Qwen2.5 vocabulary."""
+    return write_scale_rae_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from tokenizer import Tokenizer
+    return Tokenizer.from_dir(tok_dir)

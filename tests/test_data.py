@@ -13,20 +13,8 @@ from PIL import Image
 
 import data
 from data import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKENS, SampleStream, encode_conversation, open_source
-from helpers import write_scale_rae_tokenizer
-from tokenizer import Tokenizer
 
 SIZE = 32  # image side in these tests
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return write_scale_rae_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return Tokenizer.from_dir(tok_dir)
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +327,7 @@ def test_holdout_pairs_are_never_drawn():
 
 def test_writing_is_deterministic(tmp_path):
     a = data.write_shapes_dataset(tmp_path / "a", 8, seed=2, image_size=SIZE, samples_per_tar=3)
-    b = data.write_shapes_dataset(tmp_path / "b", 8, seed=2, image_size=SIZE, samples_per_tar=3)
+    data.write_shapes_dataset(tmp_path / "b", 8, seed=2, image_size=SIZE, samples_per_tar=3)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) == 8 + 1 + 3 + 1  # images, data.jsonl, 3 tars, manifest; no temp files left
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)

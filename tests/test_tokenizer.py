@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers import QWEN25_ADDED, QWEN_FILES, write_scale_rae_tokenizer
+from helpers import QWEN_ADDED_TOKENS, qwen_tokenizer_files
 from tokenizer import SYSTEM_PROMPT, Tokenizer, chat_prompt, turn
 
 STRINGS = [
@@ -31,13 +31,13 @@ STRINGS = [
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_scale_rae_tokenizer(tmp_path_factory.mktemp("tok"))
+def folder(tok_dir):
+    return tok_dir
 
 
 @pytest.fixture(scope="module")
-def ours(folder):
-    return Tokenizer.from_dir(folder)
+def ours(tok):
+    return tok
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +86,8 @@ def test_image_placeholder_becomes_one_marker(ours):
 
 def test_vocab_and_merges_equal_tokenizer_json(ours, folder, tmp_path):
     """Building from the slow-format files equals loading a tokenizer.json with the same vocabulary."""
-    fast = json.loads((QWEN_FILES / "tokenizer.json").read_text())
-    fast["added_tokens"] = fast["added_tokens"][:QWEN25_ADDED] + [
+    fast = json.loads((qwen_tokenizer_files() / "tokenizer.json").read_text())
+    fast["added_tokens"] = fast["added_tokens"][:QWEN_ADDED_TOKENS] + [
         dict(id=151665 + i, content=c, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
         for i, c in enumerate(["<im_start>", "<im_end>"])]
     (tmp_path / "tokenizer.json").write_text(json.dumps(fast))
