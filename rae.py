@@ -120,6 +120,7 @@ class RAEDecoder(nn.Module):
         B, N, _ = latents.shape
         if N != self.config.grid ** 2:
             raise ValueError(f"the decoder expects {self.config.grid ** 2} tokens, got {N}")
+        latents = latents.to(self.decoder_embed.weight.dtype)  # the sampler returns float32 latents
         # The official code embeds a dummy cls row with the tokens and drops it (cli.py prepends zeros), and predicts
         # the cls row's patch before dropping it. Both 257-row GEMMs are kept: on GPUs the kernel choice (and so
         # the rounding) can depend on the row count, and they cost 1/257 more.

@@ -234,3 +234,12 @@ def test_bad_decoder_configs_are_refused(tmp_path):
     dec = RAEDecoder(DecoderConfig(**TINY), ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
     with pytest.raises(ValueError, match="256 tokens, got 196"):
         dec(torch.zeros(1, 196, ENC_WIDTH))
+
+
+def test_bfloat16_decoder_decodes_float32_latents(decoder_dir):
+    """The sampler returns float32 latents; a bfloat16 decoder (the GPU default) must take them as they are."""
+    fp32 = RAE(load_decoder(decoder_dir, ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD))
+    bf16 = RAE(load_decoder(decoder_dir, ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD, dtype=torch.bfloat16))
+    z = torch.randn(2, 256, ENC_WIDTH)
+    out = bf16.decode(z)
+    assert out.shape == (2, 3, 224, 224) and (out.float() - fp32.decode(z)).abs().max() < 0.1
