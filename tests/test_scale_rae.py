@@ -199,3 +199,18 @@ def test_save_and_load_official_layout(tmp_path):
     save_file(sd, tmp_path / "export" / "model.safetensors")
     with pytest.raises(WeightsError, match=r"missing \(1\): model.latent_queries\n  unexpected \(1\): diff_head.model.extra"):
         ScaleRAE.from_pretrained(tmp_path / "export")
+
+
+@torch.no_grad()
+def test_bfloat16_generation_and_sampling_track_float32():
+    """bfloat16 is the GPU default: the whole generate -> sample_latents path runs in it and stays close to float32."""
+    model = tiny_model()
+    prompt = torch.randint(0, 290, (9,)).tolist()
+    trigger = model.generate([prompt], stop_ids=set(), image_start_id=-1, max_new_tokens=1)[0][0][0]
+    _, cond = model.generate([prompt], stop_ids=set(), image_start_id=trigger, max_new_tokens=1)[0]
+    ref = model.sample_latents(cond[None], [0], steps=3)
+    model = model.to(torch.bfloat16)
+    _, cond16 = model.generate([prompt], stop_ids=set(), image_start_id=trigger, max_new_tokens=1)[0]
+    lat = model.sample_latents(cond16[None], [0], steps=3, cfg_scale=2.0)
+    assert cond16.dtype == torch.bfloat16 and lat.dtype == torch.float32
+    assert (model.sample_latents(cond16[None], [0], steps=3) - ref).abs().max() < 0.25
