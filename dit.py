@@ -304,11 +304,7 @@ class DiT(nn.Module):
         strictly (WeightsError on any missing, unexpected or mis-shaped key), on the CPU."""
         with torch.device("meta"):
             model = cls(cfg)
-        load_strict(model, sd, what, dtype=dtype)
-        # The RoPE tables are angles, not weights: keep the file's values in float32 in a bf16 model.
-        model.feat_rope.freqs_cos = sd["feat_rope.freqs_cos"].float()
-        model.feat_rope.freqs_sin = sd["feat_rope.freqs_sin"].float()
-        return model
+        return load_strict(model, sd, what, dtype=dtype)  # RoPE tables (buffers) stay float32 in a bf16 model
 
 
 def dit_flops(cfg: DiTConfig):

@@ -125,7 +125,7 @@ class RAEDecoder(nn.Module):
         # the cls row's patch before dropping it. Both 257-row GEMMs are kept: on GPUs the kernel choice (and so
         # the rounding) can depend on the row count, and they cost 1/257 more.
         x = self.decoder_embed(torch.cat([latents.new_zeros(B, 1, latents.shape[-1]), latents], 1))[:, 1:]
-        x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), x], 1) + self.decoder_pos_embed  # (B, 1+N, D)
+        x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), x], 1) + self.decoder_pos_embed.to(x.dtype)
         for layer in self.decoder_layers:
             x = layer(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]

@@ -214,3 +214,13 @@ def test_bfloat16_generation_and_sampling_track_float32():
     lat = model.sample_latents(cond16[None], [0], steps=3, cfg_scale=2.0)
     assert cond16.dtype == torch.bfloat16 and lat.dtype == torch.float32
     assert (model.sample_latents(cond16[None], [0], steps=3) - ref).abs().max() < 0.25
+
+
+def test_bfloat16_checkpoint_keeps_fixed_tables_in_float32(tmp_path, tok):
+    model = tiny_model(vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "m", tok)
+    loaded = ScaleRAE.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert loaded.diff_head.model.feat_rope.freqs_cos.dtype == torch.float32
+    assert torch.equal(loaded.diff_head.model.feat_rope.freqs_sin, model.diff_head.model.feat_rope.freqs_sin)
+    assert loaded.model.rotary.inv_freq.dtype == torch.float32
