@@ -100,6 +100,17 @@ def test_vocab_and_merges_equal_tokenizer_json(ours, folder, tmp_path):
     assert all(saved.encode(s) == ours.encode(s) for s in STRINGS)
 
 
+def test_saved_slow_files_rebuild_the_same_tokenizer(ours, tmp_path):
+    """An export also carries the slow-format files, which the official loader (use_fast=False) reads."""
+    ours.save(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    rebuilt = Tokenizer.from_dir(tmp_path)
+    from transformers import Qwen2Tokenizer
+    slow = Qwen2Tokenizer.from_pretrained(str(tmp_path))
+    for s in STRINGS:
+        assert rebuilt.encode(s) == ours.encode(s) == slow(s, add_special_tokens=False).input_ids, repr(s)
+
+
 def test_missing_files_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         Tokenizer.from_dir(tmp_path)
