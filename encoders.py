@@ -18,7 +18,8 @@ Preprocessing reproduces the slow transformers image processors the official cod
 x * rescale in float64 -> float32, (x - mean) / std in float32), with the numbers from `preprocessor_config.json`.
 """
 
-from dataclasses import dataclass, fields
+import json
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from weights import WeightsError, load_strict, read_config, read_safetensors, resolve
+from weights import WeightsError, load_strict, read_config, read_safetensors, resolve, save_safetensors
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}  # transformers' names
 
@@ -80,6 +81,9 @@ ENCODER_PRESETS = {
                                                             patch_size=14),
     "facebook/webssl-dino300m-full2b-224": Dinov2Config(hidden_size=1024, num_hidden_layers=24,
                                                         num_attention_heads=16),
+    # Issue 7's toy encoder: a SigLIP-architecture ViT, 64 px in patches of 4 -> the same 16 x 16 = 256 tokens.
+    "toy": SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=64, patch_size=4),
 }
 
 
@@ -288,6 +292,20 @@ class SigLIP2Encoder(Encoder):
         if processing.size != (cfg.image_size, cfg.image_size):
             raise WeightsError(f"{folder}: preprocessor size {processing.size} != the model's {cfg.image_size}")
         return cfg, processing
+
+    def save_pretrained(self, folder):
+        """Write the Hub layout this class loads (a vision-only SigLIP checkpoint): used for the toy encoder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors({self.prefix + k: v for k, v in self.state_dict().items()}, folder / "model.safetensors",
+                         metadata={"format": "pt"})
+        p = self.processing
+        (folder / "preprocessor_config.json").write_text(json.dumps(dict(
+            image_processor_type="SiglipImageProcessor", do_resize=True, size=dict(height=p.size[0], width=p.size[1]),
+            resample=p.resample, do_rescale=True, rescale_factor=p.rescale_factor, do_normalize=True,
+            image_mean=list(p.image_mean), image_std=list(p.image_std)), indent=2))
+        (folder / "config.json").write_text(json.dumps(dict(architectures=["SiglipModel"], model_type="siglip",
+                                                            vision_config=asdict(self.config)), indent=2))
 
     def encode(self, pixels):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents
         x = self.embeddings(self.check(pixels))

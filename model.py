@@ -60,6 +60,9 @@ QWEN_PRESETS = {
     "qwen2.5-1.5b": QwenConfig(),
     "qwen2.5-7b": QwenConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                              num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    # Issue 7's toy LLM: same code path, CPU-sized; vocab_size follows the toy tokenizer.
+    "toy": QwenConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
 }
 
 

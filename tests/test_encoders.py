@@ -189,3 +189,17 @@ def test_unsupported_encoders_are_refused(tiny_siglip_dir, tmp_path):
         (folder / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))
         with pytest.raises(WeightsError, match=message):
             read_encoder_config(folder)
+
+
+def test_toy_encoder_saves_the_hub_layout_and_loads_back(tmp_path):
+    """The toy SigLIP encoder (issue 7) is written in the layout load_encoder reads, and gives 256 tokens at 64 px."""
+    from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder, load_encoder
+    torch.manual_seed(0)
+    enc = SigLIP2Encoder(ENCODER_PRESETS["toy"], ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2)).eval()
+    enc.save_pretrained(tmp_path)
+    back = load_encoder(tmp_path)
+    images = [synthetic_image(80, 50, seed=s) for s in range(2)]
+    assert torch.equal(back.preprocess(images), enc.preprocess(images))
+    with torch.no_grad():
+        z = back.encode(back.preprocess(images))
+        assert z.shape == (2, 256, 64) and torch.equal(z, enc.encode(enc.preprocess(images)))
