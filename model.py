@@ -1,7 +1,7 @@
-"""Qwen2.5, hand-written, with the Hugging Face parameter names.
+"""Qwen2.5 and the unified Scale-RAE model, hand-written, with the official parameter names.
 
-The language model of Scale-RAE (arXiv 2601.16208) is an unmodified Qwen2.5 decoder (Qwen2.5 technical report,
-arXiv 2412.15115; reference code: transformers' modeling_qwen2.py). Parameter names are Hugging Face's
+Part 1, Qwen2.5. The language model of Scale-RAE (arXiv 2601.16208) is an unmodified Qwen2.5 decoder (Qwen2.5
+technical report, arXiv 2412.15115; reference code: transformers' modeling_qwen2.py). Parameter names are Hugging Face's
 (`model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`, ..., `lm_head.weight`), so official
 checkpoints load with no renaming, and RoPE uses the same rotate-half layout.
 
@@ -9,15 +9,28 @@ Numerics follow transformers (checked to 1e-5 in float32 by tests/test_qwen.py):
   RMSNorm normalizes in float32, casts back to the input dtype, and only then multiplies by the weight;
   the RoPE inverse frequencies are computed once on the CPU in float32;
   attention is causal grouped-query attention through F.scaled_dot_product_attention (q/k/v have biases, o_proj not).
+
+Part 2, Scale-RAE (official scale_rae_qwen2.py and scale_rae_arch.py in "query" mode). Around the LLM:
+  model.latent_queries (256, H)  appended after <im_start>; their final hidden states condition the DiT, token by token
+  model.mm_projector.{0,2}       Linear-GELU-Linear from the encoder width to H: how the LLM reads images (and latents)
+  diff_head_projector            Linear H -> Z: the per-token condition of the DiT
+  diff_head.model                the DiT (dit.py), which samples the 256 encoder tokens with rectified flow
+Generation is greedy, as official: prompt -> prefill (KV cache) -> text until the model emits <im_start> -> <im_start>
+plus the 256 queries in one block -> condition -> DiT -> (256, C) latent (rae.py decodes it). Training minimizes
+cross-entropy on the answer text + 2.0 x the diffusion loss on answer images.
 """
 
-from dataclasses import dataclass, fields
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import load_strict, read_config, read_safetensors, resolve
+from dit import DIT_PRESETS, DiffusionHead, DiTConfig, initial_noise
+from weights import WeightsError, load_strict, read_config, read_safetensors, resolve, save_safetensors
 
 
 @dataclass
@@ -47,6 +60,9 @@ QWEN_PRESETS = {
     "qwen2.5-1.5b": QwenConfig(),
     "qwen2.5-7b": QwenConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                              num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+    # Issue 7's toy LLM: same code path, CPU-sized; vocab_size follows the toy tokenizer.
+    "toy": QwenConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
 }
 
 
@@ -91,6 +107,10 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
         self.length = 0  # positions filled so far (a Python int: the loop on the host knows it anyway)
+
+    def select(self, rows):  # keep only some batch rows (e.g. those that go on to generate an image)
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
 
     def update(self, layer, k, v):  # k, v (B, n_kv, T, hd) -> all keys/values so far
         start, end = self.length, self.length + k.shape[2]
@@ -209,16 +229,233 @@ class Qwen2ForCausalLM(nn.Module):
             positions = torch.arange(start, start + x.shape[1], device=x.device).expand(x.shape[0], -1)
         return self.model(x, positions, mask, cache)
 
+    checkpoint_keys = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")  # the LM in a bigger file
+    config_from = QwenConfig.from_dict
+
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """Qwen2 weights from a local folder or Hub id; only the LM's keys are read from a larger checkpoint."""
+        """Weights from a local folder or Hub id: config.json + model.safetensors (or sharded), strictly loaded."""
         folder = resolve(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-        cfg = QwenConfig.from_dict(read_config(folder))
+        cfg = cls.config_from(read_config(folder))
         with torch.device("meta"):
             model = cls(cfg)
-        sd = read_safetensors(folder, keep=("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."))
+        sd = read_safetensors(folder, keep=cls.checkpoint_keys)
         if cfg.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # tied: the official save drops it, and transformers re-ties it anyway
-        load_strict(model, sd, f"Qwen2 weights in {folder}", dtype=dtype)
+        load_strict(model, sd, f"{cls.__name__} weights in {folder}", dtype=dtype)
         return model.to(device).eval()
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Part 2: Scale-RAE
+
+IMAGE_TOKEN = -200  # official IMAGE_TOKEN_INDEX: marks the slots of an image in input_ids
+NUM_IMAGE_TOKENS = 256  # 16 x 16 encoder tokens per image
+
+
+@dataclass
+class ScaleRAEConfig(QwenConfig):
+    """The official config.json: a Qwen2 config plus the multimodal fields (official names in from/to_official)."""
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    mm_hidden_size: int = 1152  # encoder width: the input of mm_projector
+    encoder: str = "google/siglip2-so400m-patch14-224"  # not in the checkpoint: loaded only when an image is read
+    tokenizer_model_max_length: int = 512
+
+    @classmethod
+    def from_official(cls, d):
+        """From an official config.json. Only the configuration of the released models is supported (query mode,
+        DiT head, mlp2x_gelu projector, no latent normalization); anything else is a clear error."""
+        required = ["hidden_size", "diffusion_model_hidden_size", "diffusion_model_depth", "diffusion_model_heads",
+                    "diffusion_model_channels", "diffusion_model_z_channels", "mm_vision_tower_aux_list"]
+        problems = [f"{k} is missing" for k in required if k not in d]
+        expected = {"vision_loss": "diffusion-loss", "vision_loss_mode": "query", "mm_projector_type": "mlp2x_gelu",
+                    "dit_cls": "DiT"}
+        problems += [f"{k}={d[k]!r} (supported: {v!r})" for k, v in expected.items() if d.get(k, v) != v]
+        if d.get("diffusion_norm_stats_path"):
+            problems.append("diffusion_norm_stats_path is set (latent normalization is not used by released models)")
+        if d.get("diffusion_base_dim") not in (None, 4096):
+            problems.append(f"diffusion_base_dim={d['diffusion_base_dim']} (supported: 4096, the default)")
+        if problems:
+            raise WeightsError("unsupported Scale-RAE config.json: " + "; ".join(problems))
+        dit = DiTConfig(hidden_size=d["diffusion_model_hidden_size"], depth=d["diffusion_model_depth"],
+                        num_heads=d["diffusion_model_heads"], in_channels=d["diffusion_model_channels"],
+                        z_channels=d["diffusion_model_z_channels"],
+                        class_dropout_prob=d.get("diffusion_class_dropout_prob", 0.1))
+        llm = QwenConfig.from_dict(d)
+        return cls(**{f.name: getattr(llm, f.name) for f in fields(QwenConfig)}, dit=dit,
+                   mm_hidden_size=d.get("mm_hidden_size", dit.in_channels),
+                   encoder=d["mm_vision_tower_aux_list"][0].split("-interp")[0],
+                   tokenizer_model_max_length=d.get("tokenizer_model_max_length", 512))
+
+    def to_official(self):
+        """The official config.json fields (what the official loader reads), so an export loads in both codebases."""
+        d = {f.name: getattr(self, f.name) for f in fields(QwenConfig)}
+        return {
+            "architectures": ["ScaleRAEQwenForCausalLM"], "model_type": "qwen2", **d, "hidden_act": "silu",
+            "max_position_embeddings": 32768, "use_sliding_window": False, "rope_scaling": None, "use_cache": True,
+            "torch_dtype": "float32", "vision_loss": "diffusion-loss", "vision_loss_mode": "query", "vision_coef": 2.0,
+            "diffusion_split_per_token": NUM_IMAGE_TOKENS, "diffusion_model_hidden_size": self.dit.hidden_size,
+            "diffusion_model_channels": self.dit.in_channels, "diffusion_model_depth": self.dit.depth,
+            "diffusion_model_heads": self.dit.num_heads, "diffusion_model_z_channels": self.dit.z_channels,
+            "diffusion_class_dropout_prob": self.dit.class_dropout_prob, "dit_cls": "DiT", "diffusion_base_dim": None,
+            "diffusion_norm_stats_path": None, "diffusion_timesteps_per_sample": 1, "aux_regression": False,
+            "mm_vision_tower_aux_list": [self.encoder], "mm_vision_tower_aux_token_len_list": [NUM_IMAGE_TOKENS],
+            "vision_tower_aux_token_len_list": [NUM_IMAGE_TOKENS], "mm_hidden_size": self.mm_hidden_size,
+            "mm_projector_type": "mlp2x_gelu", "use_mm_proj": True, "mm_vision_select_layer": -1,
+            "mm_vision_select_feature": "patch", "mm_use_im_start_end": True, "mm_use_im_patch_token": False,
+            "image_aspect_ratio": "square", "tokenizer_model_max_length": self.tokenizer_model_max_length,
+            "tokenizer_padding_side": "right",
+        }
+
+
+SCALE_RAE_PRESETS = {
+    # Qwen2.5-1.5B + DiT-2.4B on SigLIP-2 So400M latents (1152 channels): nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B.
+    "qwen1.5b-dit2.4b": ScaleRAEConfig(**vars(QWEN_PRESETS["qwen2.5-1.5b"]) | {"vocab_size": 151667},
+                                       dit=DIT_PRESETS["dit-2.4b"]),
+    # Qwen2.5-7B + DiT-9.8B. The released checkpoint's z_channels is read from its config.json; 3072 is docs/Train.md.
+    "qwen7b-dit9.8b": ScaleRAEConfig(**vars(QWEN_PRESETS["qwen2.5-7b"]) | {"vocab_size": 151667},
+                                     dit=DIT_PRESETS["dit-9.8b"]),
+}
+
+
+class ScaleRAEModel(Qwen2Model):
+    """The `model.` part of the checkpoint: Qwen2 plus the latent queries and the understanding projector."""
+
+    def __init__(self, cfg: ScaleRAEConfig):
+        super().__init__(cfg)
+        H = cfg.hidden_size
+        self.latent_queries = nn.Parameter(torch.randn(NUM_IMAGE_TOKENS, H) / math.sqrt(H))  # official init
+        self.mm_projector = nn.Sequential(nn.Linear(cfg.mm_hidden_size, H), nn.GELU(), nn.Linear(H, H))
+
+
+class ScaleRAE(Qwen2ForCausalLM):
+    backbone = ScaleRAEModel
+
+    def __init__(self, cfg: ScaleRAEConfig):
+        super().__init__(cfg)
+        self.diff_head_projector = nn.Linear(cfg.hidden_size, cfg.dit.z_channels)
+        self.diff_head = DiffusionHead(cfg.dit)
+
+    def embed(self, input_ids, image_features, image_is_target):
+        """Token embeddings with each sample's 256 image slots (IMAGE_TOKEN) filled in.
+
+        input_ids (B, L) hold at most one run of 256 IMAGE_TOKEN per sample; image_features (B, 256, C) are encoder
+        latents. An understanding image enters as mm_projector(features); an image the model must generate is
+        replaced by the learned latent queries. Shapes are static (gather and where, no boolean indexing), so XLA
+        compiles one graph for every batch.
+        """
+        B, L = input_ids.shape
+        is_image = input_ids == IMAGE_TOKEN  # (B, L)
+        x = self.model.embed_tokens(input_ids.clamp(min=0))  # (B, L, H)
+        if image_features is None:
+            return x
+        start = is_image.int().argmax(1)  # (B,) first image slot (0 when there is none: then nothing is filled)
+        fill = self.model.mm_projector(image_features.to(x.dtype))  # (B, 256, H)
+        if image_is_target is not None:
+            queries = self.model.latent_queries.to(x.dtype)[None].expand(B, -1, -1)
+            fill = torch.where(image_is_target[:, None, None], queries, fill)
+        slot = (torch.arange(L, device=x.device)[None] - start[:, None]).clamp(0, NUM_IMAGE_TOKENS - 1)  # (B, L)
+        fill = torch.gather(fill, 1, slot[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, H)
+        return torch.where(is_image[..., None], fill, x)
+
+    def training_loss(self, input_ids, labels, image_features, image_is_target, vision_coef=2.0):
+        """(loss, ce, diff): token-mean cross-entropy over labelled tokens + vision_coef x the mean rectified-flow
+        loss of the answer images. The condition of answer image token n is the post-norm hidden state AT query n
+        (no shift); the last query also predicts <im_end> through the LM head (official query mode)."""
+        h = self(inputs_embeds=self.embed(input_ids, image_features, image_is_target))  # (B, L, H)
+        logits = self.logits(h[:, :-1])  # (B, L-1, V) float32
+        targets = labels[:, 1:]
+        ce_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        ce = ce_sum / (targets != -100).sum().clamp(min=1)  # a batch without labels gives 0, not NaN
+        start = (input_ids == IMAGE_TOKEN).int().argmax(1)
+        idx = (start[:, None] + torch.arange(NUM_IMAGE_TOKENS, device=h.device)).clamp(max=h.shape[1] - 1)
+        h_img = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, 256, H)
+        per_image = self.diff_head.loss(image_features, self.diff_head_projector(h_img))  # (B,)
+        w = image_is_target.to(per_image.dtype)
+        diff = (per_image * w).sum() / (w.sum() + 1e-8)  # the DiT runs on every row; the mask keeps shapes static
+        return ce + vision_coef * diff, ce, diff
+
+    @torch.no_grad()
+    def generate(self, prompts, stop_ids, image_start_id, image_features=None, max_new_tokens=512):
+        """Greedy decoding of a batch of prompts with a KV cache, as the official loop does without one.
+
+        prompts: lists of token ids; an IMAGE_TOKEN in a prompt stands for the 256 slots of the matching row of
+        image_features (N, 256, C) (understanding). A row stops at a stop id (kept), at max_new_tokens, or when it
+        emits <im_start>: then <im_start> and the 256 latent queries are appended in one block and the projected
+        post-norm hidden states of the queries become its DiT condition. Like the official query mode, no text
+        follows an image. Returns per prompt (generated ids, condition (256, Z) or None).
+        """
+        device, dtype = self.model.norm.weight.device, self.model.norm.weight.dtype
+        prompts = [sum(([IMAGE_TOKEN] * NUM_IMAGE_TOKENS if t == IMAGE_TOKEN else [t] for t in p), []) for p in prompts]
+        B, P = len(prompts), max(map(len, prompts))
+        total = P + max_new_tokens + 1 + NUM_IMAGE_TOKENS
+        ids = torch.zeros(B, P, dtype=torch.long, device=device)
+        valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # real (non-padding) positions
+        for b, p in enumerate(prompts):  # left padding, so every row's next token lands in the same column
+            ids[b, P - len(p):] = torch.tensor(p, device=device)
+            valid[b, P - len(p):P] = True
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)  # padding and skipped columns do not advance RoPE positions
+        padded = not bool(valid[:, :P].all())
+        cache = KVCache(self.config, B, total, device, dtype)
+        x = self.embed(ids, image_features, None)
+        h = self(inputs_embeds=x, positions=positions[:, :P], mask=attention_mask(valid, 0, P) if padded else None,
+                 cache=cache)
+        out = [[] for _ in range(B)]
+        active = [True] * B
+        wants_image = [False] * B
+        for step in range(max_new_tokens):
+            token = self.logits(h[:, -1]).argmax(-1)  # (B,) first maximum on ties, like torch.argmax in the official loop
+            for b, t in enumerate(token.tolist()):  # one host sync per token: the loop must decide whether to stop
+                if active[b]:
+                    out[b].append(t)
+                    wants_image[b] = t == image_start_id
+                    active[b] = t not in stop_ids and not wants_image[b]
+            if not any(active) or step == max_new_tokens - 1:
+                break
+            col = cache.length
+            valid[:, col] = torch.tensor(active, device=device)
+            positions = (valid.cumsum(-1) - 1).clamp(min=0)
+            h = self(token[:, None], positions=positions[:, col:col + 1], mask=attention_mask(valid, col, 1),
+                     cache=cache)
+        conditions = [None] * B
+        rows = [b for b in range(B) if wants_image[b]]
+        if rows:
+            sel = torch.tensor(rows, device=device)
+            cache.select(sel)
+            valid = valid[sel]
+            col, n = cache.length, 1 + NUM_IMAGE_TOKENS
+            valid[:, col:col + n] = True
+            positions = (valid.cumsum(-1) - 1).clamp(min=0)
+            start = self.model.embed_tokens(torch.full((len(rows), 1), image_start_id, device=device))
+            queries = self.model.latent_queries.to(dtype)[None].expand(len(rows), -1, -1)
+            h = self(inputs_embeds=torch.cat([start, queries], 1), positions=positions[:, col:col + n],
+                     mask=attention_mask(valid, col, n), cache=cache)
+            y = self.diff_head_projector(h[:, 1:])  # (rows, 256, Z)
+            for i, b in enumerate(rows):
+                conditions[b] = y[i]
+        return [(out[b], conditions[b]) for b in range(B)]
+
+    @torch.no_grad()
+    def sample_latents(self, conditions, seeds, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None):
+        """DiT sampling: conditions (N, 256, Z) -> latents (N, 256, C) float32; image i starts from seed seeds[i]."""
+        noise = initial_noise(seeds, self.config.dit.in_channels, conditions.device)
+        return self.diff_head.sample(conditions, noise, steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                                     progress=progress)
+
+    checkpoint_keys = None  # every key of the file belongs to the model
+    config_from = ScaleRAEConfig.from_official
+
+    def save_pretrained(self, folder, tokenizer):
+        """Export in the official layout: config.json, model.safetensors (official keys, float32), tokenizer files.
+        Written into a temporary folder that is renamed at the end; an existing folder is never overwritten."""
+        folder = Path(folder)
+        if folder.exists():
+            raise FileExistsError(f"{folder} exists; export to a new folder")
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True)
+        save_safetensors({k: v.float() for k, v in self.state_dict().items()}, tmp / "model.safetensors",
+                         metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(self.config.to_official(), indent=2))
+        tokenizer.save(tmp)
+        tmp.rename(folder)

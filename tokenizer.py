@@ -125,4 +125,20 @@ class Tokenizer:
         return ids
 
     def save(self, folder):
-        self.tok.save(str(Path(folder) / "tokenizer.json"))
+        """tokenizer.json plus the slow-format files the official loader reads (vocab.json, merges.txt,
+        added_tokens.json, tokenizer_config.json), so an export loads in both codebases."""
+        folder = Path(folder)
+        self.tok.save(str(folder / "tokenizer.json"))
+        bpe = json.loads(self.tok.to_str())["model"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+        added = {i: t for i, t in self.tok.get_added_tokens_decoder().items()}
+        (folder / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        (folder / "added_tokens.json").write_text(json.dumps({t.content: i for i, t in added.items()}))
+        decoder = {str(i): dict(content=t.content, lstrip=False, normalized=False, rstrip=False, single_word=False,
+                                special=t.special) for i, t in added.items()}
+        specials = [t.content for t in added.values() if t.special and t.content != PAD]
+        (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+            added_tokens_decoder=decoder, additional_special_tokens=specials, bos_token=None, eos_token=CHAT_END,
+            pad_token=PAD, unk_token=None, errors="replace", tokenizer_class="Qwen2Tokenizer",
+            add_prefix_space=False, split_special_tokens=False), indent=2))

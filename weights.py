@@ -101,14 +101,15 @@ def save_safetensors(state_dict, path, metadata=None):
     tmp.replace(path)
 
 
-def load_strict(module: nn.Module, state_dict, what, dtype=None, optional=()):
+def load_strict(module: nn.Module, state_dict, what, dtype=None):
     """Load `state_dict` into `module` (typically built on `meta`) with assign=True after checking every key.
 
-    `optional` names buffers the file may or may not carry (e.g. tables the module can recompute); when absent the
-    module keeps its own value. Floating tensors are cast to `dtype` (default: the module's parameter dtype).
+    Non-persistent buffers (tables the module computes itself) are not in the file and keep their own values.
+    Parameters are cast to `dtype` (default: the module's); floating persistent buffers are fixed tables (positions,
+    rotation angles), kept in float32 so that a bfloat16 model keeps exact angles.
     """
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict and k not in optional]
+    missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
@@ -117,11 +118,11 @@ def load_strict(module: nn.Module, state_dict, what, dtype=None, optional=()):
             return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "") if items else ""
         raise WeightsError(f"{what} does not match the model" + show("missing", missing)
                            + show("unexpected", unexpected) + show("wrong shape", mismatched))
+    params = dict(module.named_parameters())
     sd = {}
     for k, v in state_dict.items():
-        want = expected[k]
         if v.is_floating_point():
-            v = v.to(dtype or (want.dtype if want.is_floating_point() else v.dtype))
+            v = v.to((dtype or expected[k].dtype) if k in params else torch.float32)
         sd[k] = v
     module.load_state_dict(sd, strict=False, assign=True)
     meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]

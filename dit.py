@@ -1,0 +1,477 @@
+"""The diffusion head of Scale-RAE: a LightningDiT and rectified flow in the encoder's latent space.
+
+Scale-RAE (arXiv 2601.16208, §3) generates the 256 tokens (16×16) of a frozen representation encoder with a diffusion
+transformer conditioned, token by token, on the LLM's latent-query states. The released models use the official
+`LightningDiT` (LightningDiT: Yao et al., arXiv 2501.01423; DiT: Peebles & Xie, arXiv 2212.09748) configured as
+follows (official code: scale_rae/model/diffusion_loss/{diffloss.py, models/lightningDiT.py, models/model_utils.py,
+diffusion/transport.py}):
+  a 1×1 conv patch embedding plus a fixed 2-D sin-cos `pos_embed`; a Gaussian-Fourier timestep embedding of t in (0, 1];
+  the condition c = silu(t_emb + y) per token; adaLN-Zero blocks with RMSNorm, attention with qkv bias and 2-D RoPE
+  (interleaved pairs: row index on the first half of head_dim, column index on the second), a SwiGLU MLP; a final
+  RMSNorm + adaLN + linear. Parameter names are the official ones (`diff_head.model.*` in the checkpoint).
+
+Rectified flow (SD3, arXiv 2403.03206): x_t = (1 - t)·x0 + t·ε, t = 0 is data, the model predicts v = ε - x0, and
+time is shifted by s = sqrt(C·T / 4096) (√72 for SigLIP-2, 8.0 for WebSSL), t -> s·t / (1 + (s - 1)·t).
+
+Numerics follow the official code: on a tiny random configuration, the forward, the 49-step sampler, the training
+loss (same RNG state) and a fresh init under the same seed are bit-identical to the official modules in float32 when
+attention uses the official explicit softmax. Deliberate differences:
+  attention runs through F.scaled_dot_product_attention instead of the official explicit softmax (same math, bits
+  differ by ~1e-6 in float32); the Fourier features are always computed in float32 from float32 t and frequencies
+  (the official code would round both to bf16 in a bf16 run, a ~0.1 rad phase error), and from_state_dict keeps the
+  RoPE tables in float32; the sampler integrates in float32 whatever the DiT's dtype.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from weights import WeightsError, load_strict, read_config, read_safetensors, resolve
+
+
+@dataclass
+class DiTConfig:
+    hidden_size: int = 2048
+    depth: int = 32
+    num_heads: int = 32
+    in_channels: int = 1152         # C: the encoder width (1152 SigLIP-2, 1024 WebSSL)
+    z_channels: int = 2048          # Z: the condition width (the diff_head_projector output)
+    input_size: int = 16            # the latent grid is input_size × input_size tokens
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # CFG condition dropout; 0 means no learned null condition (no dropout_embedding)
+
+    @property
+    def tokens(self):
+        return self.input_size ** 2
+
+    @classmethod
+    def from_checkpoint_config(cls, d):
+        """From a Scale-RAE config.json (its `diffusion_model_*` keys), as the official model builds its head."""
+        need = ["diffusion_model_hidden_size", "diffusion_model_depth", "diffusion_model_heads",
+                "diffusion_model_z_channels"]
+        missing = [k for k in need if k not in d]
+        if missing:
+            raise WeightsError(f"config.json lacks the diffusion-head keys {missing}")
+        if isinstance(d["diffusion_model_hidden_size"], list):
+            raise WeightsError("a list-valued diffusion_model_hidden_size selects LightningDDT, which no released model uses")
+        return cls(hidden_size=d["diffusion_model_hidden_size"], depth=d["diffusion_model_depth"],
+                   num_heads=d["diffusion_model_heads"], in_channels=d.get("diffusion_model_channels", 1152),
+                   # z_channels 0 means "no projector": the DiT is conditioned on the LLM width directly.
+                   z_channels=d["diffusion_model_z_channels"] or d["hidden_size"],
+                   # The official code reads it with a 0.0 fallback; the released configs set 0.1.
+                   class_dropout_prob=d.get("diffusion_class_dropout_prob", 0.0))
+
+
+DIT_PRESETS = {
+    "dit-2.4b": DiTConfig(),  # 2,435,944,896 parameters; 2,435,977,664 state-dict numbers with the RoPE tables
+    # Sizes from the official docs/Train.md. Its z_channels (3072) gives 8.19B, not 9.8B: for the released
+    # checkpoint read Z from config.json (DiTConfig.from_checkpoint_config), do not trust this preset's Z.
+    "dit-9.8b": DiTConfig(hidden_size=3072, depth=48, num_heads=48, z_channels=3072),
+    "toy": DiTConfig(hidden_size=128, depth=4, num_heads=4, in_channels=64, z_channels=128),  # issue 7, CPU-sized
+}
+
+
+# ---- fixed tables: absolute positions, RoPE, Fourier frequencies ----
+
+def sincos_pos_embed(dim, n):
+    """(n*n, dim) fixed 2-D sin-cos table (MAE/DiT). Token h*n+w: the first dim/2 channels encode the column w, the
+    last dim/2 the row h; each half is [sin(p·ω_k)]_k ++ [cos(p·ω_k)]_k with ω_k = 10000^(-k/(dim/4)), in float64."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    h, w = np.meshgrid(np.arange(n, dtype=np.float64), np.arange(n, dtype=np.float64), indexing="ij")
+
+    def half(pos):
+        angles = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    return torch.from_numpy(np.concatenate([half(w), half(h)], axis=1)).float()
+
+
+def rope_tables(head_dim, n, theta=10000.0):
+    """cos, sin (n*n, head_dim) of EVA-02's 2-D RoPE, in float32 as the official code builds them.
+
+    Each axis gets head_dim/2 channels with frequencies f_j = theta^(-2j/(head_dim/2)), each repeated twice (the
+    pairs (2m, 2m+1) rotate together); channels [0, head_dim/2) rotate by the row index, the rest by the column index.
+    """
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, device="cpu")[:quarter].float() / (head_dim // 2))
+    angles = torch.outer(torch.arange(n, device="cpu").float(), freqs).repeat_interleave(2, -1)   # (n, head_dim/2)
+    table = torch.cat([angles[:, None, :].expand(n, n, -1), angles[None, :, :].expand(n, n, -1)], -1)
+    table = table.reshape(n * n, head_dim)
+    return table.cos(), table.sin()
+
+
+def fourier_frequencies(n=256):
+    """The official Gaussian-Fourier frequencies: n draws of N(0, 1) from a CPU generator seeded 114514. They are
+    not in the checkpoint, so they must be regenerated exactly (the CPU normal stream is stable across torch versions)."""
+    g = torch.Generator(device="cpu").manual_seed(114514)
+    return torch.normal(0.0, 1.0, size=(n,), generator=g, device="cpu")
+
+
+# ---- leaf modules ----
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # normalize in float32, back to the input dtype, then the weight (official order)
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class PatchEmbed(nn.Module):
+    """`x_embedder`: timm's PatchEmbed with patch size 1, i.e. a 1×1 conv. Kept a conv (not a Linear) so that it
+    runs under the same backend flags as the official one (cuDNN may use TF32 for convs by default on CUDA)."""
+
+    def __init__(self, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=1, bias=True)
+
+    def forward(self, x):  # (B, C, n, n) -> (B, n*n, H), token h*n + w
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class FourierTimestepEmbedder(nn.Module):
+    """`t_embedder`: [sin(2π t W), cos(2π t W)] (sin first) with fixed W, then Linear-SiLU-Linear. t is used as is."""
+
+    def __init__(self, z_channels, n=256):
+        super().__init__()
+        self.register_buffer("W", fourier_frequencies(n), persistent=False)  # not in the checkpoint
+        self.mlp = nn.Sequential(nn.Linear(2 * n, z_channels), nn.SiLU(), nn.Linear(z_channels, z_channels))
+
+    def forward(self, t):  # (B,) -> (B, Z)
+        angles = t.float()[:, None] * self.W.float()[None, :] * 2 * torch.pi  # ((t·W)·2)·π, the official order
+        features = torch.cat([angles.sin(), angles.cos()], -1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class NullCondition(nn.Module):
+    """`y_embedder`: the learned null condition of classifier-free guidance, one Z-vector broadcast to every token."""
+
+    def __init__(self, z_channels):
+        super().__init__()
+        self.dropout_embedding = nn.Parameter(torch.zeros(z_channels))
+
+    def forward(self, y, drop):  # y (B, T, Z), drop (B,) bool: the whole condition of a dropped image is replaced
+        return torch.where(drop[:, None, None], self.dropout_embedding.to(y.dtype), y)
+
+    def null(self, batch, tokens):  # (B, T, Z)
+        return self.dropout_embedding[None, None, :].expand(batch, tokens, -1)
+
+
+class Rope2D(nn.Module):
+    """`feat_rope`: 2-D RoPE over the whole head_dim with interleaved pairs. The tables are checkpoint entries."""
+
+    def __init__(self, head_dim, n):
+        super().__init__()
+        cos, sin = rope_tables(head_dim, n)
+        self.register_buffer("freqs_cos", cos)  # (T, head_dim)
+        self.register_buffer("freqs_sin", sin)
+
+    def forward(self, x):  # (B, heads, T, head_dim); float32 tables promote the product, then back to x's dtype
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack((-x2, x1), -1).flatten(-2)  # (x[2m], x[2m+1]) -> (-x[2m+1], x[2m])
+        return (x * self.freqs_cos + rotated * self.freqs_sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope):  # (B, T, H)
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
+        q, k = rope(q), rope(k)  # RoPE first, then attention (bidirectional, no mask), as the official order
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H))
+
+
+class SwiGLU(nn.Module):
+    """Fused `w12` (the gate is the first half of its rows) and `w3`; hidden width int(2/3 · mlp_ratio · H)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        gate, up = self.w12(x).chunk(2, -1)
+        return self.w3(F.silu(gate) * up)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block with per-token modulation: shift, scale and gate are (B, T, H), computed from c (B, T, Z)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        H = cfg.hidden_size
+        self.norm1 = RMSNorm(H)
+        self.norm2 = RMSNorm(H)
+        self.attn = Attention(H, cfg.num_heads)
+        self.mlp = SwiGLU(H, int(2 / 3 * cfg.mlp_ratio * H))
+        # The official code applies SiLU here although c is already silu(t_emb + y): SiLU twice, kept.
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.z_channels, 6 * H))
+
+    def forward(self, x, c, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, -1)
+        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), rope) * gate1
+        return x + self.mlp(modulate(self.norm2(x), shift2, scale2)) * gate2
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm_final = RMSNorm(cfg.hidden_size)
+        self.linear = nn.Linear(cfg.hidden_size, cfg.in_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.z_channels, 2 * cfg.hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, -1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ---- the DiT ----
+
+class DiT(nn.Module):
+    """The official LightningDiT as released: velocity v(x_t, t, y). Submodules are registered in the official
+    order, so a fresh init draws the same random numbers as the official one under the same seed."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_heads or (cfg.hidden_size // cfg.num_heads) % 4:
+            raise ValueError(f"hidden_size {cfg.hidden_size} / num_heads {cfg.num_heads} must be a multiple of 4")
+        self.config = cfg
+        self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden_size)
+        self.t_embedder = FourierTimestepEmbedder(cfg.z_channels)
+        if cfg.class_dropout_prob > 0:  # as the official ConditionEmbedder: no null condition without dropout
+            self.y_embedder = NullCondition(cfg.z_channels)
+        # A frozen Parameter (not a buffer) because that is how the checkpoint stores it.
+        self.pos_embed = nn.Parameter(sincos_pos_embed(cfg.hidden_size, cfg.input_size)[None], requires_grad=False)
+        self.feat_rope = Rope2D(cfg.hidden_size // cfg.num_heads, cfg.input_size)
+        self.dit_blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """The official init (GPU_initialize_weights; the TPU variant draws the same distributions): xavier-uniform
+        Linears with zero biases, the conv as a Linear, N(0, 0.02) timestep MLP, and adaLN-Zero, i.e. every
+        adaLN output layer and the final linear are zero, so a fresh DiT outputs exactly 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[1] for b in self.dit_blocks] + [self.final_layer.adaLN_modulation[1],
+                                                                          self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, y):
+        """x (B, C, n, n) channel-first noisy latent, t (B,) in (0, 1], y (B, T, Z) -> velocity (B, C, n, n)."""
+        cfg = self.config
+        B = x.shape[0]
+        if x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size) or y.shape != (B, cfg.tokens, cfg.z_channels) \
+                or t.shape != (B,):
+            raise ValueError(f"DiT expects x (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), t (B,), "
+                             f"y (B, {cfg.tokens}, {cfg.z_channels}); got {tuple(x.shape)}, {tuple(t.shape)}, {tuple(y.shape)}")
+        dtype = self.x_embedder.proj.weight.dtype
+        s = self.x_embedder(x.to(dtype)) + self.pos_embed.to(dtype)                 # (B, T, H)
+        c = F.silu(self.t_embedder(t)[:, None, :] + y.to(dtype))                    # (B, T, Z): per-token condition
+        for block in self.dit_blocks:
+            s = block(s, c, self.feat_rope)
+        out = self.final_layer(s, c)                                                # (B, T, C)
+        n = cfg.input_size
+        return out.view(B, n, n, cfg.in_channels).permute(0, 3, 1, 2)               # (B, C, n, n)
+
+    @classmethod
+    def from_state_dict(cls, sd, cfg: DiTConfig, dtype=torch.float32, what="DiT weights"):
+        """A DiT from official tensors named without the `diff_head.model.` prefix. Built on `meta`, loaded
+        strictly (WeightsError on any missing, unexpected or mis-shaped key), on the CPU."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        return load_strict(model, sd, what, dtype=dtype)  # RoPE tables (buffers) stay float32 in a bf16 model
+
+
+def dit_flops(cfg: DiTConfig):
+    """Forward FLOPs (2 per multiply-add) of the DiT for one image and one step: the matmuls, the 1×1 conv and
+    attention's two T×T products; elementwise work is not counted. ≈1.26 TFLOP for the 2.4B model."""
+    H, Z, C, T, L = cfg.hidden_size, cfg.z_channels, cfg.in_channels, cfg.tokens, cfg.depth
+    ffn = int(2 / 3 * cfg.mlp_ratio * H)
+    per_token_block = 3 * H * H + H * H + H * 2 * ffn + ffn * H + Z * 6 * H   # qkv, proj, w12, w3, adaLN
+    attention = 2 * T * T * H                                              # q·kᵀ and a·v, all heads
+    per_token_outer = C * H + Z * 2 * H + H * C                             # x_embedder, final adaLN, final linear
+    t_embed = 512 * Z + Z * Z                                               # once per image, not per token
+    return 2 * (L * (T * per_token_block + attention) + T * per_token_outer + t_embed)
+
+
+# ---- rectified flow: time grids and initial noise ----
+
+def time_shift(t, shift):
+    """s·t / (1 + (s - 1)·t), evaluated in this order as the official code does (numpy float64 or torch)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_shift(channels, tokens=256, base_dim=4096):
+    """s = 1 / sqrt(base_dim / (C·T)), written as the official code computes it: √72 for C = 1152, 8.0 for C = 1024."""
+    return 1 / math.sqrt(base_dim / (channels * tokens))
+
+
+def spaced_indices(total, count):
+    """`count` indices spread over range(total) with a fractional stride, rounded with Python's round() (to even)
+    on an accumulating float: the official respacing of its 1000-step grid."""
+    stride = (total - 1) / (count - 1)
+    out, pos = [], 0.0
+    for _ in range(count):
+        out.append(round(pos))
+        pos += stride
+    return out
+
+
+def official_timesteps(shift=flow_shift(1152)):
+    """(t_curr, t_next) float32, 49 entries: the official "50-step" sampler. The grid is shift(k/1000), k = 1..1000
+    (float64); of 50 respaced indices it steps down 48 times from t = 0.99760 to t = 0.00842 and then makes a
+    final step from index 48 up to index 49, i.e. from t = 0.99760 UP to t = 1.0 at the nearly clean sample. That
+    last step is an official bug, reproduced so that official weights give official images (inference-notes §3.4)."""
+    grid = time_shift(np.linspace(1 / 1000, 1, 1000), shift)
+    used = spaced_indices(1000, 50)
+    pairs = [(used[i], used[i - 1]) for i in range(len(used) - 2, 0, -1)] + [(used[-2], used[-1])]
+    t_curr = torch.tensor([grid[a] for a, _ in pairs], dtype=torch.float32)  # float64 -> float32, as torch.tensor(x)
+    t_next = torch.tensor([grid[b] for _, b in pairs], dtype=torch.float32)
+    return t_curr, t_next
+
+
+def euler_timesteps(steps, shift):
+    """(t_curr, t_next) float32 of a plain `steps`-step Euler sampler on the shifted grid from t = 1 down to t = 0."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    grid = time_shift(np.linspace(1.0, 0.0, steps + 1), shift)
+    return torch.tensor(grid[:-1], dtype=torch.float32), torch.tensor(grid[1:], dtype=torch.float32)
+
+
+def initial_noise(seeds, channels, device, dtype=torch.float32, size=16):
+    """(B, C, size, size) channel-first noise, image i drawn alone from Generator(device).manual_seed(seeds[i]), so a
+    batch reproduces single-image results (one randn over the batch would not)."""
+    device = torch.device(device)
+    return torch.cat([torch.randn((1, channels, size, size), generator=torch.Generator(device).manual_seed(int(s)),
+                                  device=device, dtype=dtype) for s in seeds])
+
+
+# ---- the head: training loss and sampler ----
+
+class DiffusionHead(nn.Module):
+    """The official `diff_head` (FullSequenceRectifiedFlowProjector): a DiT, its flow shift, loss and sampler.
+    Latents are exchanged in token layout (B, T, C), token n = h·n_side + w; the DiT works channel-first."""
+
+    def __init__(self, cfg: DiTConfig, model=None):
+        super().__init__()
+        self.config = cfg
+        self.model = DiT(cfg) if model is None else model
+        self.shift = flow_shift(cfg.in_channels, cfg.tokens)
+
+    def _grid(self, x):  # (B, T, C) -> (B, C, n, n); contiguous as the official, so the loss sums in the same order
+        n = self.config.input_size
+        return x.view(x.shape[0], n, n, x.shape[2]).permute(0, 3, 1, 2).contiguous()
+
+    def _check(self, y, what, batch=None):
+        cfg = self.config
+        if y.dim() != 3 or y.shape[1:] != (cfg.tokens, cfg.z_channels) or (batch is not None and y.shape[0] != batch):
+            raise ValueError(f"{what}: expected ({batch or 'B'}, {cfg.tokens}, {cfg.z_channels}), got {tuple(y.shape)}")
+
+    def loss(self, x0, y, t=None, noise=None):
+        """Per-image rectified-flow loss (B,): mean over (C, H, W) of (v_θ(x_t, t, y) - (ε - x0))².
+
+        x0 (B, T, C) clean latents, y (B, T, Z) conditions. By default, as the official training: t = shift(sigmoid(u)),
+        u ~ N(0, 1) (logit-normal); ε drawn in bfloat16 (the official get_x_end default, so the noise values are
+        bf16-quantized) in the channel-first layout; in training mode each image's condition is replaced with
+        probability class_dropout_prob by the null condition. The draws happen in the official order (t, ε, drop).
+        """
+        cfg = self.config
+        B = x0.shape[0]
+        if x0.dim() != 3 or x0.shape[1:] != (cfg.tokens, cfg.in_channels):
+            raise ValueError(f"x0: expected (B, {cfg.tokens}, {cfg.in_channels}), got {tuple(x0.shape)}")
+        self._check(y, "y", B)
+        x0 = self._grid(x0)                                                    # (B, C, n, n)
+        if t is None:
+            t = time_shift(torch.sigmoid(torch.randn(B, device=x0.device)), self.shift)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, dtype=torch.bfloat16)
+        if self.training and cfg.class_dropout_prob > 0:
+            y = self.model.y_embedder(y, torch.rand(B, device=y.device) < cfg.class_dropout_prob)
+        tt = t.view(-1, 1, 1, 1)
+        x_t = (1 - tt) * x0 + tt * noise
+        v = self.model(x_t, t, y)
+        return (v.float() - (noise - x0).float()).pow(2).mean(dim=(1, 2, 3))
+
+    @torch.no_grad()
+    def sample(self, y, noise, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None):
+        """Integrate dx/dt = v from the noise (t ≈ 1) to data. y (B, T, Z), noise (B, C, n, n) -> latents (B, T, C) fp32.
+
+        steps=None: the official 49-evaluation schedule (the default, for official images); an int N: plain Euler,
+        N steps from t = 1 to t = 0 on the same shifted grid. cfg_scale s > 1: real classifier-free guidance,
+        v = v_u + s·(v_c - v_u) with the learned null condition, conditional and unconditional in one batch of 2B
+        (the official CLI's guidance is a no-op, inference-notes §2.7); s = 1 runs no unconditional pass.
+        cfg_interval (lo, hi): guide only the steps with lo <= t <= hi, the others are conditional-only and batch B.
+        progress: called with no argument after each evaluation (e.g. a progress bar's update); nothing in the
+        loop reads a device value, so the host never waits for the device.
+        """
+        cfg = self.config
+        B = noise.shape[0]
+        if noise.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
+            raise ValueError(f"noise: expected (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), "
+                             f"got {tuple(noise.shape)}")
+        self._check(y, "y", B)
+        guided = cfg_scale != 1.0
+        if guided and not hasattr(self.model, "y_embedder"):
+            raise ValueError("cfg_scale != 1 needs the learned null condition, and this DiT was built without one "
+                             "(class_dropout_prob = 0)")
+        if cfg_interval is not None and not (len(cfg_interval) == 2 and cfg_interval[0] <= cfg_interval[1]):
+            raise ValueError(f"cfg_interval must be (lo, hi) with lo <= hi, got {cfg_interval!r}")
+        t_curr, t_next = official_timesteps(self.shift) if steps is None else euler_timesteps(steps, self.shift)
+        # Which steps are guided is decided on the host from the host copy of the grid: no device read in the loop.
+        lo, hi = cfg_interval if cfg_interval is not None else (-math.inf, math.inf)
+        guide = [guided and lo <= float(tc) <= hi for tc in t_curr]
+        device = noise.device
+        t_curr, t_next = t_curr.to(device), t_next.to(device)
+        dt = t_next - t_curr                                      # float32 on the device, as the official code
+        x = noise.float()
+        if guided:
+            y2 = torch.cat([y, self.model.y_embedder.null(B, cfg.tokens).to(y.dtype)])  # (2B, T, Z): cond, then null
+        for i in range(len(guide)):
+            if guide[i]:
+                v_c, v_u = self.model(torch.cat([x, x]), t_curr[i].expand(2 * B), y2).float().chunk(2)
+                v = v_u + cfg_scale * (v_c - v_u)
+            else:
+                v = self.model(x, t_curr[i].expand(B), y).float()
+            x = x + dt[i] * v
+            if progress is not None:
+                progress()
+        return x.permute(0, 2, 3, 1).reshape(B, cfg.tokens, cfg.in_channels)
+
+    @classmethod
+    def from_state_dict(cls, sd, cfg: DiTConfig, dtype=torch.float32, what="diffusion head weights"):
+        """The head from the DiT's official tensors, named without the `diff_head.model.` prefix."""
+        return cls(cfg, DiT.from_state_dict(sd, cfg, dtype, what))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """The diffusion head of a Scale-RAE checkpoint (local folder or Hub id): `diff_head.model.*` and config.json."""
+        folder = resolve(path, allow_patterns=["*.json", "*.safetensors"])
+        cfg = DiTConfig.from_checkpoint_config(read_config(folder))
+        sd = read_safetensors(folder, prefix="diff_head.model.")
+        return cls.from_state_dict(sd, cfg, dtype, f"diffusion head weights in {folder}").to(device).eval()

@@ -1,0 +1,430 @@
+"""The frozen representation encoders of Scale-RAE and their image preprocessing, hand-written.
+
+Scale-RAE (arXiv 2601.16208) generates and reads images in the token space of a frozen, pretrained encoder
+(a Representation AutoEncoder, RAE: Zheng et al., arXiv 2510.11690). Two encoders are released:
+
+  SigLIP-2 So400M/14 at 224  (`google/siglip2-so400m-patch14-224`, the default)   -> 256 tokens x 1152
+  WebSSL-DINO 300M at 224    (`facebook/webssl-dino300m-full2b-224`, DINOv2 arch.)  -> 256 tokens x 1024
+
+The RAE latent is, exactly as the official towers compute it (scale_rae/model/multimodal_encoder/):
+  SigLIP  the output of the LAST encoder layer, taken BEFORE `post_layernorm`, then a LayerNorm without weight
+          and bias (eps 1e-6) (siglip_encoder.py; RAE's `SigLIP2wNorm`). post_layernorm and the attention-pooling
+          head are neither run nor loaded.
+  DINOv2  the final (affine) LayerNorm output without the CLS token (and register tokens, if any) (dino_encoder.py).
+
+Parameter names are transformers' (`SiglipVisionTransformer` under `vision_model.`, `Dinov2Model`), so the Hub
+checkpoints load with no renaming; tests/test_encoders.py checks both against transformers to 1e-5 in float32.
+Preprocessing reproduces the slow transformers image processors the official code uses (PIL resize on uint8,
+x * rescale in float64 -> float32, (x - mean) / std in float32), with the numbers from `preprocessor_config.json`.
+"""
+
+import json
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from weights import WeightsError, load_strict, read_config, read_safetensors, resolve, save_safetensors
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}  # transformers' names
+
+
+def activation(name):
+    if name not in ACTIVATIONS:
+        raise WeightsError(f"hidden_act {name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def from_dict(cls, d):
+    """A config dataclass from a Hugging Face config dict; absent fields keep transformers' defaults."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class SiglipVisionConfig:  # defaults are transformers' SiglipVisionConfig defaults, as the Hub files rely on them
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class Dinov2Config:  # defaults are transformers' Dinov2Config defaults
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    mlp_ratio: float = 4
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    use_swiglu_ffn: bool = False
+    num_register_tokens: int = 0  # > 0 only for model_type `dinov2_with_registers`
+
+
+ENCODER_PRESETS = {
+    "google/siglip2-so400m-patch14-224": SiglipVisionConfig(hidden_size=1152, intermediate_size=4304,
+                                                            num_hidden_layers=27, num_attention_heads=16,
+                                                            patch_size=14),
+    "facebook/webssl-dino300m-full2b-224": Dinov2Config(hidden_size=1024, num_hidden_layers=24,
+                                                        num_attention_heads=16),
+    # Issue 7's toy encoder: a SigLIP-architecture ViT, 64 px in patches of 4 -> the same 16 x 16 = 256 tokens.
+    "toy": SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=64, patch_size=4),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images in: files and PIL images to normalized pixel tensors
+# ---------------------------------------------------------------------------------------------------------------
+
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB, the way the official CLI does it (`.convert("RGB")`: alpha is dropped).
+
+    One deliberate difference: PIL's convert clips 16-bit grayscale to 255 (a mostly white image), so 16-bit values
+    are scaled to 8 bits (v >> 8) first.
+    """
+    if image.mode in ("I;16", "I;16L", "I;16B"):
+        a = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+        image = Image.fromarray(a.astype(np.uint8))  # mode L
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def load_image(path):
+    """An image file as an RGB PIL image; a file that is not a (complete) image raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: PIL opens lazily, and a truncated file only fails here
+            return to_rgb(im)
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class ImageProcessing:
+    """The official (slow) transformers image processor, with the numbers from `preprocessor_config.json`.
+
+    `size` (height, width): resize straight to it, aspect ratio not kept (SiglipImageProcessor).
+    `size` an int: resize the shorter side to it (the longer one to int(size * long / short)), then center-crop
+    size x size (BitImageProcessor, as the DINO tower configures it).
+    """
+    size: object
+    image_mean: tuple
+    image_std: tuple
+    resample: int = 3  # PIL bicubic, both processors' default; the files set their own
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_file(cls, folder, size=None):
+        """From `preprocessor_config.json`; `size` replaces the file's (the official DINO tower does that)."""
+        path = Path(folder) / "preprocessor_config.json"
+        d = read_config(folder, path.name)
+        off = [k for k in ("do_resize", "do_rescale", "do_normalize", "do_center_crop") if d.get(k) is False]
+        missing = [k for k in ("image_mean", "image_std") if k not in d]
+        if size is None:
+            size = d.get("size", {"height": 224, "width": 224})  # SiglipImageProcessor's default
+            size = (size["height"], size["width"]) if "height" in size else None
+        if off or missing or size is None:
+            raise WeightsError(f"{path}: unsupported preprocessing (turned off: {off}, missing: {missing}, "
+                               f"size: {d.get('size')})")
+        keep = {k: d[k] for k in ("resample", "rescale_factor") if k in d}
+        return cls(size=size, image_mean=tuple(d["image_mean"]), image_std=tuple(d["image_std"]), **keep)
+
+    def resize(self, image):
+        if isinstance(self.size, int):
+            w, h = image.size
+            short, long = min(w, h), max(w, h)
+            new_long = int(self.size * long / short)
+            image = image.resize((self.size, new_long) if w <= h else (new_long, self.size), self.resample)
+            a = np.asarray(image)
+            top, left = (a.shape[0] - self.size) // 2, (a.shape[1] - self.size) // 2
+            return a[top:top + self.size, left:left + self.size]
+        h, w = self.size
+        return np.asarray(image.resize((w, h), self.resample))
+
+    def __call__(self, images):
+        """A list of PIL images -> (B, 3, H, W) float32 normalized pixels."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if not images:
+            raise ValueError("no images to preprocess")
+        x = np.stack([self.resize(to_rgb(im)) for im in images])  # (B, H, W, 3) uint8
+        x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)  # transformers rescales in float64
+        x = (x - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+def named(**modules):
+    """A container that only reproduces the official nesting of parameter names (`output.dense.weight`)."""
+    return nn.ModuleDict(modules)
+
+
+def attend(q, k, v, heads):
+    """Bidirectional multi-head attention: (B, T, D) projections -> (B, T, D)."""
+    B, T, D = q.shape
+    q, k, v = (t.view(B, T, heads, D // heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
+
+
+class ViTAttention(nn.Module):
+    """Self-attention with the transformers ViT names `attention.{query,key,value}` and `output.dense`, shared by
+    DINOv2 and the ViT-MAE-style RAE decoder (rae.py)."""
+
+    def __init__(self, dim, heads, qkv_bias=True):
+        super().__init__()
+        self.heads = heads
+        self.attention = named(**{n: nn.Linear(dim, dim, bias=qkv_bias) for n in ("query", "key", "value")})
+        self.output = named(dense=nn.Linear(dim, dim))
+
+    def forward(self, x):
+        a = self.attention
+        return self.output.dense(attend(a.query(x), a.key(x), a.value(x), self.heads))
+
+
+class Encoder(nn.Module):
+    """What both encoders share: their preprocessing and the facts the decoder and the LLM need."""
+
+    def __init__(self, cfg, processing: ImageProcessing):
+        super().__init__()
+        self.config, self.processing = cfg, processing
+        self.hidden_size, self.image_size = cfg.hidden_size, cfg.image_size
+        self.image_mean, self.image_std = processing.image_mean, processing.image_std
+        self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2
+
+    def preprocess(self, images):  # list of PIL images -> (B, 3, image_size, image_size) float32
+        return self.processing(images)
+
+    def check(self, pixels):
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, self.image_size, self.image_size):
+            raise ValueError(f"expected pixels (B, 3, {self.image_size}, {self.image_size}), got {tuple(pixels.shape)}")
+        return pixels.to(self.dtype)
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SigLIP (the vision tower of a SigLIP / SigLIP-2 fixed-resolution checkpoint)
+# ---------------------------------------------------------------------------------------------------------------
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
+
+    def forward(self, pixels):  # (B, 3, H, W) -> (B, N, C); learned absolute positions, no CLS token
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        return x + self.position_embedding.weight
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.hidden_size
+        self.heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(C, C) for _ in range(4))
+
+    def forward(self, x):
+        return self.out_proj(attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiglipLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = SiglipAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = SiglipMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SigLIP2Encoder(Encoder):
+    """The SigLIP vision tower up to its last layer (no post_layernorm, no head); parameter names are the
+    checkpoint's `vision_model.*` names without the prefix."""
+
+    prefix, keep = "vision_model.", ("embeddings.", "encoder.")  # post_layernorm and head are never read
+
+    def __init__(self, cfg: SiglipVisionConfig, processing: ImageProcessing):
+        super().__init__(cfg, processing)
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = named(layers=nn.ModuleList(SiglipLayer(cfg) for _ in range(cfg.num_hidden_layers)))
+
+    @staticmethod
+    def read_config(config, folder):
+        cfg = from_dict(SiglipVisionConfig, config.get("vision_config", {}))  # the text tower's config is not read
+        processing = ImageProcessing.from_file(folder)  # direct resize to the file's (height, width)
+        if processing.size != (cfg.image_size, cfg.image_size):
+            raise WeightsError(f"{folder}: preprocessor size {processing.size} != the model's {cfg.image_size}")
+        return cfg, processing
+
+    def save_pretrained(self, folder):
+        """Write the Hub layout this class loads (a vision-only SigLIP checkpoint): used for the toy encoder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors({self.prefix + k: v for k, v in self.state_dict().items()}, folder / "model.safetensors",
+                         metadata={"format": "pt"})
+        p = self.processing
+        (folder / "preprocessor_config.json").write_text(json.dumps(dict(
+            image_processor_type="SiglipImageProcessor", do_resize=True, size=dict(height=p.size[0], width=p.size[1]),
+            resample=p.resample, do_rescale=True, rescale_factor=p.rescale_factor, do_normalize=True,
+            image_mean=list(p.image_mean), image_std=list(p.image_std)), indent=2))
+        (folder / "config.json").write_text(json.dumps(dict(architectures=["SiglipModel"], model_type="siglip",
+                                                            vision_config=asdict(self.config)), indent=2))
+
+    def encode(self, pixels):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents
+        x = self.embeddings(self.check(pixels))
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return F.layer_norm(x, (x.shape[-1],), eps=1e-6)  # non-affine LN on the last layer's output (RAE space)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DINOv2 (WebSSL-DINO)
+# ---------------------------------------------------------------------------------------------------------------
+
+class Dinov2Embeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        if cfg.num_register_tokens:
+            self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, C))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, (cfg.image_size // cfg.patch_size) ** 2 + 1, C))
+        self.patch_embeddings = named(
+            projection=nn.Conv2d(cfg.num_channels, C, cfg.patch_size, stride=cfg.patch_size))
+
+    def forward(self, pixels):  # (B, 3, H, W) -> (B, 1 + R + N, C): CLS, registers (no position), patches
+        x = self.patch_embeddings.projection(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.position_embeddings
+        if hasattr(self, "register_tokens"):
+            x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], 1)
+        return x
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.lambda1
+
+
+class Dinov2MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio))
+        self.fc2 = nn.Linear(int(cfg.hidden_size * cfg.mlp_ratio), cfg.hidden_size)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Dinov2Layer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
+        self.attention = ViTAttention(C, cfg.num_attention_heads, cfg.qkv_bias)
+        self.layer_scale1 = LayerScale(C)
+        self.norm2 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
+        self.mlp = Dinov2MLP(cfg)
+        self.layer_scale2 = LayerScale(C)
+
+    def forward(self, x):
+        x = x + self.layer_scale1(self.attention(self.norm1(x)))
+        return x + self.layer_scale2(self.mlp(self.norm2(x)))
+
+
+class DINOv2Encoder(Encoder):
+    """Dinov2Model (optionally with registers); keys = the checkpoint's, minus the unused `embeddings.mask_token`."""
+
+    prefix, keep = "", None
+
+    def __init__(self, cfg: Dinov2Config, processing: ImageProcessing):
+        super().__init__(cfg, processing)
+        if cfg.use_swiglu_ffn:
+            raise WeightsError("DINOv2 with a SwiGLU MLP (use_swiglu_ffn) is not supported")
+        self.embeddings = Dinov2Embeddings(cfg)
+        self.encoder = named(layer=nn.ModuleList(Dinov2Layer(cfg) for _ in range(cfg.num_hidden_layers)))
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.skip = 1 + cfg.num_register_tokens
+
+    @staticmethod
+    def read_config(config, folder):
+        cfg = from_dict(Dinov2Config, config)
+        # The official tower overrides the file's resize and crop with the model's image size (dino_encoder.py):
+        # shortest edge 224, center crop 224; resample, rescale and mean/std come from the file.
+        return cfg, ImageProcessing.from_file(folder, cfg.image_size)
+
+    def encode(self, pixels):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents
+        x = self.embeddings(self.check(pixels))
+        for layer in self.encoder.layer:
+            x = layer(x)
+        return self.layernorm(x[:, self.skip:])  # LayerNorm is per token: dropping CLS/registers first is exact
+
+
+# model_type in config.json -> architecture. SigLIP-2 fixed-resolution checkpoints declare `siglip`.
+ENCODERS = {"siglip": SigLIP2Encoder, "dinov2": DINOv2Encoder, "dinov2_with_registers": DINOv2Encoder}
+
+
+def read_encoder_config(folder):
+    """(encoder class, config, preprocessing) from a checkpoint folder's JSON files; no weights are read."""
+    config = read_config(folder)
+    model_type = config.get("model_type")
+    if model_type == "siglip2":
+        raise WeightsError(f"{folder}: model_type 'siglip2' is a NaFlex (variable-resolution) SigLIP-2; use a fixed-"
+                           f"resolution checkpoint such as google/siglip2-so400m-patch14-224 (model_type 'siglip')")
+    if model_type not in ENCODERS:
+        raise WeightsError(f"{folder}: encoder model_type {model_type!r} is not supported ({sorted(ENCODERS)})")
+    cls = ENCODERS[model_type]
+    return (cls, *cls.read_config(config, folder))
+
+
+def load_encoder(path_or_repo, dtype=torch.float32, device="cpu"):
+    """A frozen encoder (eval, requires_grad False) from a local folder or Hub id, architecture from config.json."""
+    folder = resolve(path_or_repo, allow_patterns=["*.json", "*.safetensors"])
+    cls, cfg, processing = read_encoder_config(folder)
+    with torch.device("meta"):
+        encoder = cls(cfg, processing)
+    sd = read_safetensors(folder, prefix=cls.prefix, keep=cls.keep)
+    sd.pop("embeddings.mask_token", None)  # DINOv2's masked-image-modeling token: pre-training only
+    load_strict(encoder, sd, f"{cls.__name__} weights in {folder}", dtype=dtype)
+    return encoder.to(device).eval().requires_grad_(False)

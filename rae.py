@@ -1,0 +1,209 @@
+"""The RAE pixel decoder and the RAE object (a frozen encoder paired with its decoder), hand-written.
+
+A Representation AutoEncoder (Zheng et al., arXiv 2510.11690; used by Scale-RAE, arXiv 2601.16208) maps a frozen
+encoder's 256 tokens back to pixels with a ViT decoder trained for reconstruction. The official decoder is RAE's
+`GeneralDecoder`, a ViT-MAE decoder (He et al., arXiv 2111.06377) without masking
+(scale_rae/model/multimodal_decoder/decoder.py; released as `nyu-visionx/siglip2_decoder` and
+`nyu-visionx/webssl300m_decoder`: a ViT-MAE-style `config.json` and a raw state dict `model.pt`):
+
+    x = decoder_embed(latents)                          # encoder width -> decoder width Dd
+    x = [trainable_cls_token; x] + decoder_pos_embed    # fixed 2-D sin-cos table, zero row for the cls slot
+    x = pre-LN ViT layers(x)                            # transformers' ViTMAELayer: exact-erf GELU, LN eps from config
+    patches = decoder_pred(decoder_norm(x))[:, 1:]      # (B, 256, p*p*3) normalized pixels
+    image = unpatchify(patches) * std + mean            # de-normalized with the ENCODER's preprocessing statistics
+
+Parameter names are the official ones, so `model.pt` loads with no renaming and a strict key check (the official
+loader uses strict=False and silently ignores mismatches). The decoder's input width is the encoder's width; the
+`hidden_size` field of the decoder's config.json is ignored, as the official code overrides it.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from encoders import ViTAttention, activation, from_dict, load_encoder, named, read_encoder_config
+from weights import WeightsError, load_strict, read_config, resolve
+
+
+@dataclass
+class DecoderConfig:  # defaults are transformers' ViTMAEConfig defaults, which the official AutoConfig fills in
+    decoder_hidden_size: int = 512
+    decoder_num_hidden_layers: int = 8
+    decoder_num_attention_heads: int = 16
+    decoder_intermediate_size: int = 2048
+    patch_size: int = 16
+    image_size: int = 224
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    qkv_bias: bool = True
+
+    @property
+    def grid(self):  # tokens per side; the official decoder is built for 256 = 16 x 16 tokens
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_dict(cls, d):
+        cfg = from_dict(cls, d)
+        sizes = (cfg.patch_size, cfg.image_size, cfg.decoder_hidden_size)
+        if not all(isinstance(n, int) for n in sizes) or cfg.image_size % cfg.patch_size or cfg.decoder_hidden_size % 4:
+            raise WeightsError(f"decoder config: patch_size, image_size, decoder_hidden_size = {sizes} must be "
+                               f"integers, image_size a multiple of patch_size and decoder_hidden_size of 4")
+        return cfg
+
+
+# RAE's decoder configs (bytetriper/RAE configs/decoder/ViT{B,L,XL}) at 16 x 16 tokens of patch 16. The released
+# Scale-RAE decoders' numbers are read from their config.json; these are for training a decoder from scratch.
+DECODER_PRESETS = {  # width, depth, heads, MLP width
+    "vit-b": DecoderConfig(768, 12, 12, 3072, patch_size=16, image_size=256),
+    "vit-l": DecoderConfig(1024, 24, 16, 4096, patch_size=16, image_size=256),
+    "vit-xl": DecoderConfig(1152, 28, 16, 4096, patch_size=16, image_size=256),
+    "toy": DecoderConfig(128, 2, 4, 256, patch_size=4, image_size=64),  # issue 7: 64 px from 16 x 16 tokens
+}
+
+
+def sincos_pos_embed(dim, grid):
+    """MAE's fixed 2-D sin-cos table (1 + grid*grid, dim) with a zero row for the cls slot, in float64 numpy as
+    the official code computes it. Its first half encodes the column index, the second the row index."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))  # (dim/4,)
+    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))  # (grid, grid)
+
+    def one_axis(pos):  # (grid*grid,) -> (grid*grid, dim/2): [sin | cos]
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    table = np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
+    return torch.from_numpy(np.concatenate([np.zeros((1, dim)), table])).float()
+
+
+class DecoderLayer(nn.Module):
+    """transformers' ViTMAELayer: pre-LN attention and MLP, with its parameter names."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        D, F_ = cfg.decoder_hidden_size, cfg.decoder_intermediate_size
+        self.layernorm_before = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.attention = ViTAttention(D, cfg.decoder_num_attention_heads, cfg.qkv_bias)
+        self.layernorm_after = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.intermediate = named(dense=nn.Linear(D, F_))
+        self.output = named(dense=nn.Linear(F_, D))
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x):
+        x = x + self.attention(self.layernorm_before(x))
+        return x + self.output.dense(self.act(self.intermediate.dense(self.layernorm_after(x))))
+
+
+class RAEDecoder(nn.Module):
+    """Encoder tokens (B, N, C) -> pixels (B, 3, H, W), de-normalized but not clipped (training needs them raw).
+
+    Built fresh it is ready to train: PyTorch's default initialization, as the official GeneralDecoder (a plain
+    nn.Module) has, a zero cls token, and the fixed sin-cos position table (a buffer: it is never trained).
+    """
+
+    def __init__(self, cfg: DecoderConfig, in_dim, image_mean, image_std):
+        super().__init__()
+        self.config = cfg
+        D, p = cfg.decoder_hidden_size, cfg.patch_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)  # the encoder's; kept as Python floats
+        self.decoder_embed = nn.Linear(in_dim, D)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(D, cfg.grid)[None])  # (1, 1 + N, D)
+        self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_num_hidden_layers))
+        self.decoder_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.decoder_pred = nn.Linear(D, p * p * cfg.num_channels)
+
+    def predict_patches(self, latents):  # (B, N, C) -> (B, N, p*p*3) normalized pixels, the decoder's raw output
+        B, N, _ = latents.shape
+        if N != self.config.grid ** 2:
+            raise ValueError(f"the decoder expects {self.config.grid ** 2} tokens, got {N}")
+        latents = latents.to(self.decoder_embed.weight.dtype)  # the sampler returns float32 latents
+        # The official code embeds a dummy cls row with the tokens and drops it (cli.py prepends zeros), and predicts
+        # the cls row's patch before dropping it. Both 257-row GEMMs are kept: on GPUs the kernel choice (and so
+        # the rounding) can depend on the row count, and they cost 1/257 more.
+        x = self.decoder_embed(torch.cat([latents.new_zeros(B, 1, latents.shape[-1]), latents], 1))[:, 1:]
+        x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), x], 1) + self.decoder_pos_embed.to(x.dtype)
+        for layer in self.decoder_layers:
+            x = layer(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def unpatchify(self, patches):  # (B, N, p*p*c) -> (B, c, H, W); patch rows (p, p, c), as MAE
+        B, g, p, c = patches.shape[0], self.config.grid, self.config.patch_size, self.config.num_channels
+        return patches.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, g * p, g * p)
+
+    def patchify(self, images):  # (B, c, H, W) -> (B, N, p*p*c), the exact inverse of unpatchify
+        B, g, p, c = images.shape[0], self.config.grid, self.config.patch_size, self.config.num_channels
+        return images.reshape(B, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * c)
+
+    def normalize(self, images):  # pixels in [0, 1] -> the space of predict_patches (patchify it for a patch loss)
+        mean, std = (images.new_tensor(s).view(1, -1, 1, 1) for s in (self.image_mean, self.image_std))
+        return (images - mean) / std
+
+    def forward(self, latents):  # (B, N, C) -> (B, 3, H, W) pixels, ~[0, 1], in float32 like the official output
+        x = self.unpatchify(self.predict_patches(latents)).float()
+        mean, std = (x.new_tensor(s).view(1, -1, 1, 1) for s in (self.image_mean, self.image_std))
+        return x * std + mean
+
+
+def load_decoder(path_or_repo, encoder_hidden_size, image_mean, image_std, dtype=torch.float32, device="cpu"):
+    """The released decoder (config.json + model.pt) from a local folder or Hub id, strictly checked."""
+    folder = resolve(path_or_repo, allow_patterns=["config.json", "model.pt"])
+    cfg = DecoderConfig.from_dict(read_config(folder))
+    path = Path(folder) / "model.pt"
+    if not path.is_file():
+        raise WeightsError(f"{path} not found: expected the decoder's state dict next to its config.json")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated zip, random bytes, a pickle with code in it, ...
+        raise WeightsError(f"{path} is corrupt or not a plain PyTorch state dict ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a flat {{name: tensor}} state dict")
+    with torch.device("meta"):
+        decoder = RAEDecoder(cfg, encoder_hidden_size, image_mean, image_std)
+    load_strict(decoder, sd, f"RAE decoder weights in {path}", dtype=dtype)
+    return decoder.to(device).eval()
+
+
+class RAE:
+    """A frozen encoder paired with its pixel decoder. The encoder is loaded on first use: sampling needs only the
+    decoder, whose input width and de-normalization come from the encoder's JSON files."""
+
+    def __init__(self, decoder: RAEDecoder, encoder=None, encoder_path=None, dtype=torch.float32, device="cpu"):
+        self.decoder, self._encoder = decoder, encoder
+        self._encoder_args = (encoder_path, dtype, device)
+
+    @classmethod
+    def from_pretrained(cls, encoder_path, decoder_path, dtype=torch.float32, device="cpu"):
+        _, enc_cfg, processing = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
+        decoder = load_decoder(decoder_path, enc_cfg.hidden_size, processing.image_mean, processing.image_std,
+                               dtype, device)
+        return cls(decoder, encoder_path=encoder_path, dtype=dtype, device=device)
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            if self._encoder_args[0] is None:
+                raise ValueError("this RAE was built without an encoder (pass encoder= or encoder_path=)")
+            self._encoder = load_encoder(*self._encoder_args)
+        return self._encoder
+
+    @torch.no_grad()
+    def encode(self, images):
+        """PIL images (preprocessed here) or normalized pixels (B, 3, 224, 224) -> latents (B, 256, C)."""
+        if not isinstance(images, torch.Tensor):
+            images = self.encoder.preprocess(images)
+        return self.encoder.encode(images.to(next(self.encoder.parameters()).device))
+
+    @torch.no_grad()
+    def decode(self, latents):  # (B, 256, C) -> (B, 3, H, W) in [0, 1]
+        return self.decoder(latents).clamp(0, 1)
+
+    @staticmethod
+    def to_pil(images):
+        """(B, 3, H, W) images -> uint8 PIL images as the official CLI makes them: clip to [0, 1], x255, truncate."""
+        a = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(x) for x in (a * 255).astype(np.uint8)]

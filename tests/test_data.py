@@ -1,0 +1,335 @@
+"""data.py: token/label layout on worked examples, both official formats, bad samples, sharding, shuffling, exact
+resume, batches, and the synthetic shapes dataset. Real Qwen2.5 vocabulary, tiny images, offline."""
+
+import io
+import json
+import tarfile
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKENS, SampleStream, encode_conversation, open_source
+
+SIZE = 32  # image side in these tests
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """24 synthetic samples in both formats, 4 tars of 6."""
+    return data.write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 24, seed=3, image_size=SIZE, samples_per_tar=6)
+
+
+def preprocess(images):
+    """A stand-in for the encoder's preprocessing: resize, scale to [-1, 1]."""
+    arrays = [np.asarray(im.resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def take(stream, n):
+    return list(islice(iter(stream), n))
+
+
+def write_jsonl(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "data.jsonl"
+
+
+def png(color=(200, 10, 10)):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def chat(prompt, answer):
+    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+
+
+# ---- sample -> tokens --------------------------------------------------------------------------------------------
+
+def test_generation_sample_worked_example(tok):
+    prompt = "Can you generate a photo of two small red circles on the left?"
+    ids, labels, is_target = encode_conversation(tok, chat(prompt, "Here you go:\n<image>"), True, max_len=400)
+    # Expected layout, spelled out from the qwen_2 template: system, user, assistant with the image markers.
+    system = tok.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    user = tok.encode(f"<|im_start|>user\n{prompt}<|im_end|>\n")
+    head = tok.encode("<|im_start|>assistant\nHere you go:\n<im_start>")
+    tail = tok.encode("<im_end><|im_end|>\n")
+    assert ids == system + user + head + [IMAGE_TOKEN] * IMAGE_TOKENS + tail
+    assert is_target
+
+    nl, s, e = tok.encode("\n")[0], tok.chat_start, tok.chat_end
+    assert (nl, s, e) == (198, 151644, 151645)  # the ids the official code hard-codes
+    # System and user turns: only <|im_start|>, the "\n" after the role, <|im_end|> and the final "\n" are labelled.
+    for start, part in ((0, system), (len(system), user)):
+        labelled = [(i - start, lab) for i, lab in enumerate(labels[start:start + len(part)], start) if lab != IGNORE_INDEX]
+        assert labelled == [(0, s), (2, nl), (len(part) - 2, e), (len(part) - 1, nl)]
+    # Assistant turn: every token labelled with itself, except the 256 image slots.
+    a = len(system) + len(user)
+    assert labels[a:a + len(head)] == head
+    assert labels[a + len(head):a + len(head) + IMAGE_TOKENS] == [IGNORE_INDEX] * IMAGE_TOKENS
+    assert labels[-len(tail):] == tail
+    # CE predicts <im_end> from the last latent-query slot (labels are shifted by one inside the loss).
+    last_slot = max(i for i, t in enumerate(ids) if t == IMAGE_TOKEN)
+    assert labels[last_slot + 1] == tok.image_end
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=False) == (
+        "<|im_start|>\n<|im_end|>\n" * 2 + "<|im_start|>assistant\nHere you go:\n<im_start><im_end><|im_end|>\n")
+
+
+def test_understanding_sample_worked_example(tok):
+    ids, labels, is_target = encode_conversation(tok, chat("<image>\nWhat color is the shape?", "red"), True, 400)
+    assert not is_target
+    first = ids.index(IMAGE_TOKEN)
+    # The whole <im_start>[256 slots]<im_end> block is unlabelled; official answer_img_mask reads labels[first-1].
+    assert ids[first - 1] == tok.image_start and ids[first + IMAGE_TOKENS] == tok.image_end
+    assert labels[first - 1:first + IMAGE_TOKENS + 1] == [IGNORE_INDEX] * (IMAGE_TOKENS + 2)
+    # The "\n" after <im_end> is token 198 alone, so it is labelled like every "\n" (official unmask list).
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=False) == (
+        "<|im_start|>\n<|im_end|>\n" + "<|im_start|>\n\n<|im_end|>\n" + "<|im_start|>assistant\nred<|im_end|>\n")
+
+
+def test_turns_tokenize_like_transformers_chat_template(tok, tok_dir):
+    """Oracle: transformers' apply_chat_template, per turn, with the template preprocess_qwen installs."""
+    from transformers import Qwen2TokenizerFast
+    hf = Qwen2TokenizerFast.from_pretrained(str(tok_dir))
+    hf.add_tokens(["<image>"], special_tokens=True)
+    hf.chat_template = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+                        " + '<|im_end|>' + '\n'}}{% endfor %}")
+    conv = [("user", "<im_start><image><im_end>\nDescribe it, please:  two  lines\n\nok?"), ("assistant", "Sure — it's 3 cats.")]
+    expected = []
+    for role, content in [("system", "You are a helpful assistant.")] + conv:
+        expected += hf.apply_chat_template([{"role": role, "content": content}])
+    expected = [IMAGE_TOKEN if t == hf.convert_tokens_to_ids("<image>") else t for t in expected]
+    turns = [{"from": "human", "value": conv[0][1].replace("<im_start><image><im_end>", "<image>")},
+             {"from": "gpt", "value": conv[1][1]}]
+    ids, _, _ = encode_conversation(tok, turns, True, 1000, image_tokens=1)
+    assert ids == expected
+
+
+def test_image_without_placeholder_goes_first_and_first_non_human_turn_is_dropped(tok):
+    ids, labels, is_target = encode_conversation(tok, chat("Describe.", "A cat."), True, 400)
+    ref, _, _ = encode_conversation(tok, chat("<image>\nDescribe.", "A cat."), True, 400)
+    assert ids == ref and not is_target
+    # A leading gpt turn is dropped (official); with it goes the image prepended to it, so the sample is malformed.
+    lead = [{"from": "gpt", "value": "Hi."}] + chat("Describe.", "A cat.")
+    with pytest.raises(data.Skip) as e:
+        encode_conversation(tok, lead, True, 400)
+    assert e.value.reason == "malformed"
+    ids2, _, _ = encode_conversation(tok, lead, False, 400)
+    assert ids2 == encode_conversation(tok, chat("Describe.", "A cat."), False, 400)[0]
+
+
+def test_length_limits(tok):
+    conv = chat("<image>\nWhat is this?", "A square.")
+    n = len(encode_conversation(tok, conv, True, 10_000)[0])
+    assert n > IMAGE_TOKENS
+    assert len(encode_conversation(tok, conv, True, n)[0]) == n  # exactly L fits
+    with pytest.raises(data.Skip) as e:
+        encode_conversation(tok, conv, True, n - 1)
+    assert e.value.reason == "too_long"
+    text = chat("word " * 300, "ok")  # text-only: truncated to L, as official, never dropped
+    ids, labels, _ = encode_conversation(tok, text, False, 64)
+    assert len(ids) == len(labels) == 64
+
+
+# ---- formats and bad samples ---------------------------------------------------------------------------------
+
+def test_both_formats_read_the_same_samples(tok, shapes):
+    jsonl, wds = (take(SampleStream(open_source(shapes[f]), tok, 320, shuffle=False, epochs=1), 100)
+                  for f in ("jsonl", "wds"))
+    assert len(jsonl) == len(wds) == 24
+    for a, b in zip(jsonl, wds):
+        assert a.metadata == b.metadata
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.image.size == (SIZE, SIZE)
+        assert a.image_is_target == b.image_is_target == (a.metadata["task"] == "generation")
+    assert {s.metadata["task"] for s in jsonl} == {"generation", "understanding"}
+
+
+def test_bad_samples_are_skipped_and_counted(tok, tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "good.png").write_bytes(png())
+    (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "img" / "truncated.png").write_bytes(png()[:40])
+    ok = chat("<image>\nColor?", "red")
+    rows = [dict(image="good.png", conversations=ok), dict(image="missing.png", conversations=ok),
+            dict(image="corrupt.png", conversations=ok), dict(image="truncated.png", conversations=ok),
+            dict(image=["good.png", "good.png"], conversations=ok), dict(image="good.png", conversations="nonsense"),
+            dict(image="good.png", conversations=chat("<image> and <image>", "two")),
+            dict(image="good.png", conversations=chat("<image>\n" + "long " * 400, "x")),
+            dict(conversations=chat("Hello", "Hi there"))]
+    path = write_jsonl(tmp_path, rows)
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    stream = SampleStream(open_source(path, tmp_path / "img"), tok, 320, shuffle=False, epochs=1)
+    got = take(stream, 100)
+    assert [s.key for s in got] == ["data.jsonl:1", "data.jsonl:9"]
+    assert got[1].image is None and (got[1].input_ids != IMAGE_TOKEN).all()
+    assert dict(stream.stats) == dict(read=10, used=2, bad_image=3, too_many_images=2, malformed=2, too_long=1)
+
+    # Tars: a missing image member, a corrupt one, and an unreadable shard.
+    tars = []
+    for t, members in enumerate([[("a.json", dict(conversations=ok, image_filename="a.png")), ("a.png", png()),
+                                  ("b.json", dict(conversations=ok, image_filename="nope.png")),
+                                  ("c.json", dict(conversations=ok, image_filename="c.png")), ("c.png", b"junk")],
+                                 None]):
+        tars.append(f"s{t}.tar")
+        if members is None:
+            (tmp_path / tars[-1]).write_bytes(b"this is not a tar file" * 50)
+            continue
+        with tarfile.open(tmp_path / tars[-1], "w") as tar:
+            for name, content in members:
+                blob = content if isinstance(content, bytes) else json.dumps(content).encode()
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    (tmp_path / "wds_manifest.json").write_text(json.dumps({"tars": tars}))
+    stream = SampleStream(open_source(tmp_path / "wds_manifest.json"), tok, 320, shuffle=False, epochs=1)
+    assert [s.key for s in take(stream, 100)] == ["s0.tar/a.json"]
+    assert dict(stream.stats) == dict(read=4, used=1, bad_image=2, bad_shard=1)
+
+
+def test_clear_errors_before_any_work(tok, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        open_source(tmp_path / "nope.jsonl")
+    (tmp_path / "wds_manifest.json").write_text(json.dumps({"tars": ["gone.tar"]}))
+    with pytest.raises(FileNotFoundError, match="gone.tar"):
+        open_source(tmp_path / "wds_manifest.json")
+    (tmp_path / "x_wds.json").write_text("{}")
+    with pytest.raises(ValueError, match="'tars'"):
+        open_source(tmp_path / "x_wds.json")
+    src = open_source(write_jsonl(tmp_path, [dict(conversations=chat("a", "b"))]))
+    with pytest.raises(ValueError, match="1 shard"):
+        SampleStream(src, tok, 64, rank=0, world=2)
+    nothing = open_source(write_jsonl(tmp_path, [dict(image="gone.png", conversations=chat("a", "b"))] * 3))
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        take(SampleStream(nothing, tok, 300), 1)
+
+
+# ---- sharding, shuffling, resume -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["jsonl", "wds"])
+def test_two_ranks_partition_an_epoch(tok, shapes, fmt):
+    keys = [[s.key for s in take(SampleStream(open_source(shapes[fmt]), tok, 320, rank=r, world=2, seed=5,
+                                              buffer_size=4, epochs=1), 100)] for r in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 12
+    assert not set(keys[0]) & set(keys[1]) and len(set(keys[0]) | set(keys[1])) == 24
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "wds"])
+def test_shuffling_is_seeded_and_changes_every_epoch(tok, shapes, fmt):
+    def order(seed):
+        return [s.key for s in take(SampleStream(open_source(shapes[fmt]), tok, 320, seed=seed, buffer_size=5), 48)]
+    a = order(0)
+    assert a == order(0)  # deterministic for a seed
+    assert a != order(1)
+    assert sorted(a[:24]) == sorted(a[24:]) and a[:24] != a[24:]  # every sample once per epoch, in a new order
+    plain = [s.key for s in take(SampleStream(open_source(shapes[fmt]), tok, 320, shuffle=False, epochs=1), 24)]
+    assert sorted(plain) == sorted(a[:24]) and plain != a[:24]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "wds"])
+def test_resume_yields_exactly_the_rest_of_the_stream(tok, shapes, fmt, tmp_path):
+    def stream():
+        return SampleStream(open_source(shapes[fmt]), tok, 320, rank=1, world=2, seed=7, buffer_size=5)
+    ref = [s.key for s in take(stream(), 40)]  # crosses epoch boundaries (12 samples per epoch on this rank)
+    for k in (0, 4, 5, 12, 17):  # inside a block, at block and epoch boundaries
+        first = stream()
+        assert [s.key for s in take(first, k)] == ref[:k]
+        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+        resumed = stream()
+        resumed.load_state_dict(state)
+        assert [s.key for s in take(resumed, 40 - k)] == ref[k:]
+    other = SampleStream(open_source(shapes[fmt]), tok, 320, rank=0, world=2, seed=7, buffer_size=5)
+    with pytest.raises(ValueError, match="rank"):
+        other.load_state_dict(state)
+
+
+def test_batches_have_static_shapes_and_resume(tok, shapes):
+    def stream():
+        return SampleStream(open_source(shapes["wds"]), tok, 300, seed=1, buffer_size=6)
+    it = data.batches(stream(), 5, preprocess, SIZE)
+    batch = next(it)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in batch.items()} == dict(
+        input_ids=((5, 300), torch.int64), labels=((5, 300), torch.int64), pixel_values=((5, 3, SIZE, SIZE), torch.float32),
+        has_image=((5,), torch.bool), image_is_target=((5,), torch.bool))
+    assert batch["has_image"].all()  # every synthetic sample has an image
+    assert ((batch["input_ids"] == IMAGE_TOKEN).sum(1) == IMAGE_TOKENS).all()
+    assert batch["pixel_values"].abs().amax() <= 1 and batch["pixel_values"].std() > 0.1
+
+    s1 = stream()
+    batches = data.batches(s1, 5, preprocess, SIZE)
+    next(batches)
+    state = s1.state_dict()
+    expected = next(batches)
+    s2 = stream()
+    s2.load_state_dict(state)
+    got = next(data.batches(s2, 5, preprocess, SIZE))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_text_only_rows_get_zero_pixels_and_last_partial_batch_is_dropped(tok, tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    rows = [dict(image="a.png", conversations=chat("Draw it", "Here you go:\n<image>")),
+            dict(conversations=chat("Hi", "Hello!")), dict(conversations=chat("Bye", "See you."))]
+    stream = SampleStream(open_source(write_jsonl(tmp_path, rows)), tok, 300, shuffle=False, epochs=1)
+    got = list(data.batches(stream, 2, preprocess, SIZE))
+    assert len(got) == 1  # 3 samples, batch of 2: the last one is dropped
+    b = got[0]
+    assert b["has_image"].tolist() == [True, False] and b["image_is_target"].tolist() == [True, False]
+    assert (b["pixel_values"][1] == 0).all() and (b["pixel_values"][0] != 0).any()
+    assert (b["input_ids"][1] != IMAGE_TOKEN).all()
+    n = int((b["input_ids"][1] != tok.pad).sum())  # right padding with <|endoftext|> / -100
+    assert (b["input_ids"][1, n:] == tok.pad).all() and (b["labels"][1, n:] == IGNORE_INDEX).all()
+
+
+# ---- synthetic shapes ----------------------------------------------------------------------------------------
+
+def test_synthetic_samples_are_deterministic_and_match_their_attributes():
+    assert len(data.COLORS) >= 6 and set(data.SHAPES) >= {"circle", "square", "triangle"}
+    # Background and shape colors never collide: every shape color has a channel <= 60, backgrounds none < 200.
+    assert all(min(c) <= 60 for c in data.COLORS.values()) and all(min(c) >= 200 for c in data.BACKGROUNDS.values())
+    seen = set()
+    for i in range(60):
+        record, image = data.shapes_sample(11, i, image_size=96)
+        again, image2 = data.shapes_sample(11, i, image_size=96)
+        assert record == again and image.tobytes() == image2.tobytes()
+        m = record["metadata"]
+        seen |= {m["shape"], m["color"], m["position"], m["size"], m["count"], m["task"]}
+        assert len(m["boxes"]) == m["count"]
+        pixels = np.asarray(image).astype(int)
+        for x0, y0, x1, y1 in m["boxes"]:
+            assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2 + (1 if m["shape"] == "triangle" else 0)
+            assert np.abs(pixels[cy, cx] - data.COLORS[m["color"]]).max() <= 8  # the shape is drawn there
+        human, gpt = (t["value"] for t in record["conversations"])
+        if m["task"] == "generation":
+            assert gpt == data.GENERATION_ANSWER and data.describe(data.Shapes(
+                m["shape"], m["color"], m["count"], m["size"], m["position"])) in human
+        else:
+            assert human.startswith("<image>\n") and gpt == m["answer"]
+            assert gpt == ({1: "one", 2: "two", 3: "three"}[m["count"]] if m["question"] == "count" else m[m["question"]])
+    assert seen >= set(data.SHAPES) | set(data.COLORS) | set(data.POSITIONS) | {1, 2, 3, "generation", "understanding"}
+    assert data.shapes_sample(12, 0)[0] != data.shapes_sample(11, 0)[0]
+    assert data.describe(data.Shapes("circle", "red", 2, "small", "left")) == "two small red circles on the left"
+
+
+def test_holdout_pairs_are_never_drawn():
+    holdout = {("red", "circle"), ("blue", "square")}
+    pairs = {(m["color"], m["shape"]) for m in (data.shapes_sample(0, i, 16, holdout=holdout)[0]["metadata"]
+                                                for i in range(200))}
+    assert not pairs & holdout and len(pairs) == 18 - 2
+
+
+def test_writing_is_deterministic(tmp_path):
+    a = data.write_shapes_dataset(tmp_path / "a", 8, seed=2, image_size=SIZE, samples_per_tar=3)
+    data.write_shapes_dataset(tmp_path / "b", 8, seed=2, image_size=SIZE, samples_per_tar=3)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 8 + 1 + 3 + 1  # images, data.jsonl, 3 tars, manifest; no temp files left
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert json.loads(a["wds"].read_text())["tars"] == [f"shards/shard_0000{i}.tar" for i in range(3)]
+    assert json.loads(a["jsonl"].read_text().splitlines()[0])["image"] == "images/sample_000000.png"

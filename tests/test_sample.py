@@ -1,0 +1,161 @@
+"""sample.py end to end, as a subprocess, on tiny random checkpoints in the exact official on-disk layout:
+model folder (official config.json field set, model.safetensors, slow-format tokenizer files), decoder folder
+(ViT-MAE config.json + model.pt), and a SigLIP encoder folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import write_scale_rae_tokenizer
+from test_rae import write_decoder
+
+ROOT = Path(__file__).parents[1]
+IM_START = 151665
+
+
+def official_config(encoder_dir, **over):
+    """config.json as the official training writes it (training-notes §5), at a tiny size."""
+    return {"architectures": ["ScaleRAEQwenForCausalLM"], "model_type": "qwen2", "vocab_size": 151667,
+            "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+            "hidden_act": "silu", "max_position_embeddings": 32768, "use_sliding_window": False, "patch_size": 2,
+            "rope_scaling": None, "torch_dtype": "float32", "use_cache": True,
+            "vision_loss": "diffusion-loss", "vision_loss_mode": "query", "vision_coef": 2.0,
+            "diffusion_split_per_token": 256, "diffusion_model_hidden_size": 64, "diffusion_model_channels": 32,
+            "diffusion_model_depth": 2, "diffusion_model_heads": 4, "diffusion_model_z_channels": 48,
+            "ddt_encoder_depth": 2, "diffusion_class_dropout_prob": 0.1, "dit_cls": "DiT", "diffusion_base_dim": None,
+            "diffusion_norm_stats_path": None, "diffusion_timesteps_per_sample": 1, "aux_regression": False,
+            "mm_vision_tower_aux_list": [f"{encoder_dir}-interp256"], "mm_vision_tower_aux_token_len_list": [256],
+            "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -1,
+            "mm_use_im_start_end": True, "image_aspect_ratio": "square", "tokenizer_model_max_length": 512, **over}
+
+
+def write_model(folder, encoder_dir, always_image):
+    """A tiny random Scale-RAE checkpoint. With `always_image`, the weights make <im_start> the first answer token
+    for any prompt (a large constant in coordinate 0 of every input, read by lm_head row <im_start> only)."""
+    from model import ScaleRAE, ScaleRAEConfig
+    write_scale_rae_tokenizer(folder)
+    cfg = official_config(encoder_dir)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = ScaleRAE(ScaleRAEConfig.from_official(cfg))
+    with torch.no_grad():
+        for p in model.diff_head.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+        if always_image:
+            model.model.embed_tokens.weight[:, 0] = 10.0
+            model.model.norm.weight.zero_()[0] = 1.0
+            model.lm_head.weight[:, 0] = -1.0
+            model.lm_head.weight[IM_START, 0] = 1.0
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tiny_siglip_dir):
+    root = tmp_path_factory.mktemp("ckpt")
+    return dict(t2i=write_model(root / "t2i", tiny_siglip_dir, True), chat=write_model(root / "chat", tiny_siglip_dir, False),
+                decoder=write_decoder(root / "decoder"), root=root)
+
+
+def run(dirs, *args, model="t2i", ok=True):
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--model-path", str(dirs[model]), "--decoder-repo",
+           str(dirs["decoder"]), "--device", "cpu", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert (p.returncode == 0) == ok, p.stdout + p.stderr
+    return p
+
+
+def manifest(out):
+    [path] = Path(out).glob("*_manifest*.json")
+    return json.loads(path.read_text())
+
+
+def test_text_to_image_writes_pngs_latents_and_manifest(dirs, tmp_path):
+    p = run(dirs, "--prompt", "Can you generate a red circle?", "--steps", "3", "--save-latent",
+            "--output-dir", str(tmp_path))
+    m = manifest(tmp_path)
+    assert len(m["images"]) == 1 and len(m["latents"]) == 1 and m["token_ids"] == [IM_START]
+    assert m["prompt"] == "Can you generate a red circle?" and m["seed"] == 42 and m["steps"] == 3
+    assert m["guidance_level"] == 1.0 and m["dtype"] == "float32" and m["model_path"] == str(dirs["t2i"])
+    from PIL import Image
+    assert Image.open(m["images"][0]).size == (224, 224)
+    assert load_file(m["latents"][0])["latent"].shape == (256, 32)
+    assert all(f"wrote {f}" in p.stdout for f in m["images"] + m["latents"])
+    # A second run never overwrites the first.
+    run(dirs, "--prompt", "Can you generate a red circle?", "--steps", "3", "--output-dir", str(tmp_path))
+    assert len(list(tmp_path.glob("*.png"))) == 2 and len(list(tmp_path.glob("*manifest*.json"))) == 2
+
+
+def test_batch_image_zero_equals_single_run_and_cfg_changes_the_image(dirs, tmp_path):
+    run(dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--num-images", "3", "--seed", "7",
+        "--output-dir", str(tmp_path / "batch"))
+    run(dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--seed", "7", "--output-dir", str(tmp_path / "one"))
+    run(dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--seed", "8", "--output-dir", str(tmp_path / "two"))
+    run(dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--seed", "7", "--cfg", "4.0",
+        "--output-dir", str(tmp_path / "cfg"))
+    lat = {k: [load_file(f)["latent"] for f in manifest(tmp_path / k)["latents"]] for k in ("batch", "one", "two", "cfg")}
+    assert len(lat["batch"]) == 3
+    assert (lat["batch"][0] - lat["one"][0]).abs().max() < 1e-5  # image i uses seed + i, batched or not
+    assert (lat["batch"][1] - lat["two"][0]).abs().max() < 1e-5
+    assert (lat["cfg"][0] - lat["one"][0]).abs().max() > 1e-3  # real guidance, not the official no-op
+
+
+def test_understanding_from_an_image_and_from_a_latent(dirs, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
+    p = run(dirs, "--image", str(tmp_path / "red.png"), "--prompt", "What color is it?", "--max-new-tokens", "5",
+            "--output-dir", str(tmp_path / "img"), model="chat")
+    m = manifest(tmp_path / "img")
+    assert len(m["token_ids"]) == 5 and m["input_image"].endswith("red.png") and "text:" in p.stdout
+    save_file({"latent": torch.randn(256, 32)}, tmp_path / "lat.safetensors")
+    run(dirs, "--latent", str(tmp_path / "lat.safetensors"), "--prompt", "Describe it.", "--max-new-tokens", "5",
+        "--output-dir", str(tmp_path / "lat"), model="chat")
+    assert len(manifest(tmp_path / "lat")["token_ids"]) == 5
+    # --latent alone decodes it.
+    run(dirs, "--latent", str(tmp_path / "lat.safetensors"), "--output-dir", str(tmp_path / "dec"))
+    assert len(manifest(tmp_path / "dec")["images"]) == 1
+
+
+def test_no_image_when_the_model_never_opens_one(dirs, tmp_path):
+    p = run(dirs, "--prompt", "hello", "--max-new-tokens", "3", "--output-dir", str(tmp_path), model="chat")
+    m = manifest(tmp_path)
+    assert m["images"] == [] and len(m["token_ids"]) == 3 and m["results"][0]["image_produced"] is False
+    assert "no image produced" in p.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "  "], "empty prompt"),
+    (["--prompt", "x", "--seed", "-1"], "--seed must be >= 0"),
+    (["--prompt", "x", "--steps", "0"], "--steps must be >= 1"),
+    (["--prompt", "x", "--guidance-level", "-2"], "--guidance-level must be >= 0"),
+    (["--prompt", "x", "--image", "/nonexistent.png"], "/nonexistent.png"),
+    (["--latent", "/nonexistent.safetensors"], "not a latent file"),
+    ([], "give --prompt"),
+])
+def test_bad_input_fails_fast_with_a_clear_message(dirs, args, message):
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model-path", "/nonexistent/model", *args],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_weights_and_bad_checkpoints_are_one_clear_message(dirs, tmp_path):
+    p = run(dirs, "--prompt", "x", "--model-path", "nyu-visionx/not-a-real-repo", ok=False)
+    assert "error:" in p.stderr and "Traceback" not in p.stderr and "not-a-real-repo" in p.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in dirs["t2i"].iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    sd = load_file(bad / "model.safetensors")
+    del sd["diff_head_projector.bias"]
+    save_file(sd, bad / "model.safetensors")
+    p = run(dirs, "--prompt", "x", "--model-path", str(bad), ok=False)
+    assert "missing (1): diff_head_projector.bias" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,226 @@
+"""The unified model: official key names, config round trip, the embedding splice, the training loss, and the
+KV-cache generation loop against the official full-recompute loop."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit import DiTConfig
+from model import IMAGE_TOKEN, NUM_IMAGE_TOKENS, SCALE_RAE_PRESETS, ScaleRAE, ScaleRAEConfig
+from weights import WeightsError
+
+OFFICIAL_KEYS = Path(__file__).parents[1].parent / "shared" / "reference" / "official-keys-1.5b.txt"
+
+
+def tiny_config(**over):
+    return ScaleRAEConfig(**{**dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    dit=DiTConfig(hidden_size=64, depth=2, num_heads=4, in_channels=32, z_channels=48),
+                                    mm_hidden_size=32), **over})
+
+
+def tiny_model(seed=0, **over):
+    over.setdefault("tie_word_embeddings", False)  # untied: a random tied model just repeats its last token
+    torch.manual_seed(seed)
+    model = ScaleRAE(tiny_config(**over)).eval()
+    with torch.no_grad():  # a freshly initialized DiT outputs zeros (adaLN-Zero); give it something to say
+        for p in model.diff_head.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_state_dict_matches_the_official_key_listing():
+    """Key names and shapes of the 1.5B/2.4B preset equal the listing made from the official model class."""
+    text = OFFICIAL_KEYS.read_text() if OFFICIAL_KEYS.exists() else pytest.skip("shared/reference not available")
+    official = {}
+    for line in text.splitlines():
+        m = re.match(r"(\S+)\s+x\s*(\d+) (\(.*\))$", line)
+        if m:
+            official[m.group(1)] = (int(m.group(2)), m.group(3))
+    with torch.device("meta"):
+        model = ScaleRAE(SCALE_RAE_PRESETS["qwen1.5b-dit2.4b"])
+    ours = {}
+    for k, v in model.state_dict().items():  # the listing folds the first index into N and shows the first shape
+        pattern = re.sub(r"\.\d+\.", ".N.", k, count=1)
+        n, shape = ours.get(pattern, (0, str(tuple(v.shape))))
+        ours[pattern] = (n + 1, shape)
+    ours["lm_head.weight"] = (1, "(151667, 1536)")  # tied: official state_dict lists it, the saved file drops it
+    assert ours == official
+    numel = sum(v.numel() for k, v in model.state_dict().items() if k.startswith("diff_head.model."))
+    assert numel == 2_435_977_664  # the official state-dict count (parameters + the RoPE tables)
+
+
+def test_official_config_round_trip_and_unsupported_configs():
+    cfg = tiny_config()
+    d = cfg.to_official()
+    assert ScaleRAEConfig.from_official(d) == cfg
+    assert d["model_type"] == "qwen2" and d["diffusion_model_z_channels"] == 48 and d["mm_hidden_size"] == 32
+    d["mm_vision_tower_aux_list"] = ["google/siglip2-so400m-patch14-224-interp256"]  # how training writes it
+    assert ScaleRAEConfig.from_official(d).encoder == "google/siglip2-so400m-patch14-224"
+    with pytest.raises(WeightsError, match="vision_loss_mode='block'.*diffusion_norm_stats_path"):
+        ScaleRAEConfig.from_official({**d, "vision_loss_mode": "block", "diffusion_norm_stats_path": "x.pt"})
+    with pytest.raises(WeightsError, match="diffusion_model_depth is missing"):
+        ScaleRAEConfig.from_official({k: v for k, v in d.items() if k != "diffusion_model_depth"})
+
+
+def batch_with_images(model, L=300):
+    """Row 0: understanding (image in the user turn), row 1: generation (image in the answer), row 2: text only."""
+    ids = torch.randint(0, 290, (3, L))
+    ids[0, 10:10 + NUM_IMAGE_TOKENS] = IMAGE_TOKEN
+    ids[1, 30:30 + NUM_IMAGE_TOKENS] = IMAGE_TOKEN
+    labels = ids.clone()
+    labels[ids == IMAGE_TOKEN] = -100
+    labels[0, :280] = -100
+    feats = torch.randn(3, NUM_IMAGE_TOKENS, 32)
+    return ids, labels, feats, torch.tensor([False, True, False])
+
+
+def test_embed_splices_projected_features_and_latent_queries():
+    model = tiny_model()
+    ids, _, feats, target = batch_with_images(model)
+    with torch.no_grad():
+        x = model.embed(ids, feats, target)
+        assert torch.allclose(x[0, 10:266], model.model.mm_projector(feats[0]))
+        assert torch.equal(x[1, 30:286], model.model.latent_queries)
+        text = ids != IMAGE_TOKEN
+        assert torch.equal(x[text], model.model.embed_tokens(ids[text]))
+
+
+def test_training_loss_routes_gradients_like_the_official_model():
+    model = tiny_model().train()
+    ids, labels, feats, target = batch_with_images(model)
+    loss, ce, diff = model.training_loss(ids, labels, feats, target)
+    assert torch.isclose(loss, ce + 2.0 * diff)
+    loss.backward()
+    assert model.model.latent_queries.grad.abs().sum() > 0  # from the generation row
+    assert model.model.mm_projector[0].weight.grad.abs().sum() > 0  # from the understanding row
+    assert model.diff_head_projector.weight.grad.abs().sum() > 0
+    # Only answer images carry the diffusion loss: with no generation row, the DiT gets no gradient from it.
+    model.zero_grad()
+    _, _, diff = model.training_loss(ids, labels, feats, torch.zeros(3, dtype=torch.bool))
+    assert diff == 0
+    # A batch without any label gives CE 0, never NaN.
+    _, ce, _ = model.training_loss(ids, torch.full_like(labels, -100), feats, target)
+    assert ce == 0
+
+
+def reference_generate(model, prompt, image_start, stop, max_new):
+    """The official greedy loop: no KV cache, the whole sequence re-run every step, break right after the image."""
+    E = model.model.embed_tokens(torch.tensor([prompt]))
+    out = []
+    while True:
+        token = model.logits(model(inputs_embeds=E)[:, -1]).argmax(-1)
+        out.append(token.item())
+        E = torch.cat([E, model.model.embed_tokens(token[:, None])], 1)
+        if out[-1] == image_start:
+            E = torch.cat([E, model.model.latent_queries[None]], 1)
+            return out, model.diff_head_projector(model(inputs_embeds=E)[0, -NUM_IMAGE_TOKENS:])
+        if out[-1] in stop or len(out) >= max_new:
+            return out, None
+
+
+@torch.no_grad()
+def test_kv_cache_loop_equals_full_recompute_loop():
+    model = tiny_model()
+    prompt = torch.randint(0, 290, (17,)).tolist()
+    free = model.generate([prompt], stop_ids=set(), image_start_id=-1, max_new_tokens=6)[0][0]
+    trigger = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])  # becomes "<im_start>"
+    got_ids, got_cond = model.generate([prompt], stop_ids={-5}, image_start_id=trigger, max_new_tokens=10)[0]
+    ref_ids, ref_cond = reference_generate(model, prompt, trigger, {-5}, 10)
+    assert got_ids == ref_ids and got_ids[-1] == trigger and len(got_ids) >= 3
+    assert got_cond.shape == (NUM_IMAGE_TOKENS, 48) and (got_cond - ref_cond).abs().max() < 1e-5
+    seeds = [3]
+    lat = model.sample_latents(got_cond[None], seeds, steps=4)
+    ref = model.sample_latents(ref_cond[None], seeds, steps=4)
+    assert lat.shape == (1, NUM_IMAGE_TOKENS, 32) and (lat - ref).abs().max() < 1e-4
+    # Stopping: at a stop id (kept), and at max_new_tokens.
+    ids, cond = model.generate([prompt], stop_ids={free[1]}, image_start_id=-1, max_new_tokens=10)[0]
+    assert ids == free[:2] and cond is None
+    assert model.generate([prompt], stop_ids=set(), image_start_id=-1, max_new_tokens=4)[0][0] == free[:4]
+
+
+@torch.no_grad()
+def test_batched_generation_equals_single_prompts():
+    model = tiny_model()
+    prompts = [torch.randint(0, 290, (n,)).tolist() for n in (5, 23, 11)]
+    free = model.generate(prompts[1:2], stop_ids=set(), image_start_id=-1, max_new_tokens=3)[0][0]
+    trigger = free[1]  # row 1 opens an image after one text token; the others may or may not
+    batch = model.generate(prompts, stop_ids={7}, image_start_id=trigger, max_new_tokens=5)
+    assert batch[1][1] is not None
+    for p, (ids, cond) in zip(prompts, batch):
+        ids1, cond1 = model.generate([p], stop_ids={7}, image_start_id=trigger, max_new_tokens=5)[0]
+        assert ids == ids1
+        assert (cond is None) == (cond1 is None)
+        if cond is not None:
+            assert (cond - cond1).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_understanding_prompt_reads_the_image():
+    """An IMAGE_TOKEN in a prompt becomes 256 projected feature vectors; the answer equals the reference loop
+    run on the spliced embeddings, and depends on the image."""
+    model = tiny_model()
+    prompt = [5, 6, IMAGE_TOKEN, 8, 9]
+    feats = torch.randn(1, NUM_IMAGE_TOKENS, 32)
+    ids, _ = model.generate([prompt], stop_ids=set(), image_start_id=-1, image_features=feats, max_new_tokens=4)[0]
+    expanded = torch.tensor([[5, 6] + [IMAGE_TOKEN] * NUM_IMAGE_TOKENS + [8, 9]])
+    E = model.embed(expanded, feats, torch.tensor([False]))
+    ref = []
+    for _ in range(4):
+        token = model.logits(model(inputs_embeds=E)[:, -1]).argmax(-1)
+        ref.append(token.item())
+        E = torch.cat([E, model.model.embed_tokens(token[:, None])], 1)
+    assert ids == ref
+    h1 = model(inputs_embeds=model.embed(expanded, feats, None))
+    h2 = model(inputs_embeds=model.embed(expanded, feats * 2, None))
+    assert (h1 - h2).abs().max() > 1e-3
+
+
+def test_save_and_load_official_layout(tmp_path):
+    from helpers import write_scale_rae_tokenizer
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(write_scale_rae_tokenizer(tmp_path / "tok"))
+    model = tiny_model(vocab_size=len(tok), tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "export", tok)
+    with pytest.raises(FileExistsError):
+        model.save_pretrained(tmp_path / "export", tok)
+    loaded = ScaleRAE.from_pretrained(tmp_path / "export")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert Tokenizer.from_dir(tmp_path / "export").encode("<im_start>hi") == tok.encode("<im_start>hi")
+    assert loaded.config == model.config
+    from safetensors.torch import load_file, save_file
+    sd = load_file(tmp_path / "export" / "model.safetensors")
+    sd["diff_head.model.extra"] = torch.zeros(1)
+    del sd["model.latent_queries"]
+    save_file(sd, tmp_path / "export" / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"missing \(1\): model.latent_queries\n  unexpected \(1\): diff_head.model.extra"):
+        ScaleRAE.from_pretrained(tmp_path / "export")
+
+
+@torch.no_grad()
+def test_bfloat16_generation_and_sampling_track_float32():
+    """bfloat16 is the GPU default: the whole generate -> sample_latents path runs in it and stays close to float32."""
+    model = tiny_model()
+    prompt = torch.randint(0, 290, (9,)).tolist()
+    trigger = model.generate([prompt], stop_ids=set(), image_start_id=-1, max_new_tokens=1)[0][0][0]
+    _, cond = model.generate([prompt], stop_ids=set(), image_start_id=trigger, max_new_tokens=1)[0]
+    ref = model.sample_latents(cond[None], [0], steps=3)
+    model = model.to(torch.bfloat16)
+    _, cond16 = model.generate([prompt], stop_ids=set(), image_start_id=trigger, max_new_tokens=1)[0]
+    lat = model.sample_latents(cond16[None], [0], steps=3, cfg_scale=2.0)
+    assert cond16.dtype == torch.bfloat16 and lat.dtype == torch.float32
+    assert (model.sample_latents(cond16[None], [0], steps=3) - ref).abs().max() < 0.25
+
+
+def test_bfloat16_checkpoint_keeps_fixed_tables_in_float32(tmp_path, tok):
+    model = tiny_model(vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "m", tok)
+    loaded = ScaleRAE.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert loaded.diff_head.model.feat_rope.freqs_cos.dtype == torch.float32
+    assert torch.equal(loaded.diff_head.model.feat_rope.freqs_sin, model.diff_head.model.feat_rope.freqs_sin)
+    assert loaded.model.rotary.inv_freq.dtype == torch.float32
