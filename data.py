@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import random
+import re
 import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -557,3 +558,149 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
         _write_atomic(folder / "wds_manifest.json", json.dumps(manifest, indent=1).encode())
         out["wds"] = folder / "wds_manifest.json"
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Analyzer: the attributes a shapes image shows, read back deterministically (no learning), for evaluation
+
+# (color, shape) pairs the toy model never sees in training (its data is written with holdout=TOY_HOLDOUT): the
+# compositional held-out set of evaluate.py. Each color and each shape still appears with other partners.
+TOY_HOLDOUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+SCORED = ("color", "shape", "position", "count")  # what a prompt is scored on (GenEval-like); size is reported too
+
+PALETTE = np.array(list(COLORS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)  # (12, 3) shapes first
+NOISE_AREA = 0.002  # components smaller than this fraction of the image (~1/4 of a small triangle) are noise
+EDGE = 0.2  # coverage below EDGE counts as 0, above 1 - EDGE as 1: ringing, noise and JPEG leave the shape's size
+FILL_TRIANGLE, FILL_SQUARE = 0.69, 0.87  # bounding-box fill: triangle 1/2 < 0.69 < circle π/4 < 0.87 < square 1
+
+
+def connected_components(mask):
+    """(labels, n): the 4-connected components of a boolean (H, W) mask, labelled 1..n (0 = background).
+
+    Each pixel starts with its own flat index; labels then propagate as the minimum over 4-neighbours, with pointer
+    jumping (a label is the index of a pixel of the same component, so label <- label[label] skips ahead), until
+    nothing changes. Plain numpy: a few dozen vectorized passes."""
+    h, w = mask.shape
+    big = h * w
+    lab = np.where(mask, np.arange(big).reshape(h, w), big)
+    while True:
+        new = lab.copy()
+        np.minimum(new[1:], lab[:-1], out=new[1:])
+        np.minimum(new[:-1], lab[1:], out=new[:-1])
+        np.minimum(new[:, 1:], lab[:, :-1], out=new[:, 1:])
+        np.minimum(new[:, :-1], lab[:, 1:], out=new[:, :-1])
+        new = np.where(mask, new, big).ravel()
+        for _ in range(4):
+            fg = new < big
+            new[fg] = new[new[fg]]
+        new = new.reshape(h, w)
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    roots, labels = np.unique(lab, return_inverse=True)
+    labels = labels.reshape(h, w) + 1
+    labels[~mask] = 0
+    return labels, int((roots < big).sum())
+
+
+def blend(pixels, color):
+    """(coverage, residual) of pixels (..., 3) seen as blends a·color + (1 - a)·B, with a in [0, 1] and the background
+    B (of the six) that fits best: anti-aliased or blurred edges get their partial coverage, and the residual says
+    how well `color` explains the pixel at all."""
+    bg = PALETTE[len(COLORS):]                                    # (6, 3)
+    d = np.asarray(color, np.float32) - bg                        # (6, 3) background -> color
+    pd = pixels @ d.T - (bg * d).sum(-1)                          # (..., 6) (p - B)·d, as matrix products
+    dd = (d * d).sum(-1)
+    a = (pd / dd).clip(0, 1)
+    pb = (pixels ** 2).sum(-1, keepdims=True) - 2 * pixels @ bg.T + (bg ** 2).sum(-1)  # |p - B|^2
+    residual = pb - 2 * a * pd + a * a * dd                       # |p - B - a·d|^2
+    best = residual.argmin(-1)[..., None]
+    return np.take_along_axis(a, best, -1)[..., 0], np.take_along_axis(residual, best, -1)[..., 0]
+
+
+def _dilate(m):  # a boolean mask grown by one pixel (4-neighbours)
+    out = m.copy()
+    out[1:] |= m[:-1]
+    out[:-1] |= m[1:]
+    out[:, 1:] |= m[:, :-1]
+    out[:, :-1] |= m[:, 1:]
+    return out
+
+
+def shape_class(fill):
+    """circle, square or triangle from the fraction of its bounding box a shape fills."""
+    return "triangle" if fill < FILL_TRIANGLE else "circle" if fill < FILL_SQUARE else "square"
+
+
+def analyze_shapes(image):
+    """The attributes a synthetic shapes image shows: dict(color, shape, position, count, size); None where a value
+    cannot be read (an image without shapes has count 0 and nothing else). Works at any size (>= 48 px is reliable).
+
+    Every pixel takes the nearest palette entry (6 shape colors, 6 backgrounds, far apart: see COLORS); shape pixels
+    are those nearest a shape color. color: the shape color whose blends with the backgrounds fit the most shape
+    pixels best (a blurred red edge is nearer orange than red, but it is a red blend). The 4-connected components
+    of the shape pixels, minus noise (smaller than NOISE_AREA of the image or than 1/5 of the largest), are the
+    shapes, and count is their number. Each shape is measured on its coverage by the dominant color (sub-pixel;
+    EDGE clips faint and near-full values) over the component grown by one pixel: area = sum of coverage,
+    width/height = sums of the column/row maxima. shape: the majority class by fill = area / (width x height) (ties:
+    the larger area); position: the anchor nearest the mean of the box centers; size: the SIZE_FRACTION nearest the
+    median side. Blur, noise and stray pixels (generated images) are tolerated: stray pixels form noise components,
+    and the color vote is a majority."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    h, w = pixels.shape[:2]
+    nearest = ((PALETTE ** 2).sum(-1) - 2 * pixels @ PALETTE.T).argmin(-1)  # (H, W) nearest palette entry
+    mask = nearest < len(COLORS)
+    out = dict(color=None, shape=None, position=None, count=0, size=None)
+    if not mask.any():
+        return out
+    fits = np.stack([blend(pixels[mask], c)[1] for c in PALETTE[:len(COLORS)]])  # (6, N) residual per color
+    dominant = np.bincount(fits.argmin(0), minlength=len(COLORS)).argmax()
+    out["color"] = list(COLORS)[dominant]
+    labels, n = connected_components(mask)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    keep = [i + 1 for i in range(n) if areas[i] >= max(NOISE_AREA * h * w, 0.2 * areas.max())]
+    out["count"] = len(keep)
+    if not keep:
+        return out
+    alpha = ((blend(pixels, PALETTE[dominant])[0] - EDGE) / (1 - 2 * EDGE)).clip(0, 1)  # (H, W) coverage
+    votes, centers, sides = Counter(), [], []
+    for k in keep:
+        component = labels == k
+        a = np.where(_dilate(component) & ~(mask & ~component), alpha, 0)  # never another shape's pixels
+        cols, rows = a.max(0), a.max(1)
+        width, height = cols.sum(), rows.sum()
+        votes[shape_class(a.sum() / (width * height))] += 1 + a.sum() / (h * w)  # a vote per shape; area breaks ties
+        xs, ys = np.arange(w), np.arange(h)
+        centers.append((((cols * xs).sum() / width + 0.5) / w, ((rows * ys).sum() / height + 0.5) / h))
+        sides.append((width / w + height / h) / 2)
+    out["shape"] = votes.most_common(1)[0][0]
+    cx, cy = np.mean(centers, 0)
+    out["position"] = min(ANCHORS, key=lambda p: (ANCHORS[p][0] - cx) ** 2 + (ANCHORS[p][1] - cy) ** 2)
+    side = float(np.median(sides))
+    out["size"] = min(SIZE_FRACTION, key=lambda s: abs(SIZE_FRACTION[s] - side))
+    return out
+
+
+# Understanding questions and their short answers, as the training samples ask them (shapes_sample)
+ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(COUNT_WORDS.values()), "position": POSITIONS,
+           "size": SIZES}
+
+
+def shapes_question(s, attribute, phrasing=0):
+    """(question, answer) about attribute `attribute` of Shapes `s`, worded as in the training data."""
+    one = s.count == 1
+    agree = {"is": "is" if one else "are", "Is": "Is" if one else "Are", "noun": "shape" if one else "shapes"}
+    phrasings = QUESTIONS[attribute]
+    answer = COUNT_WORDS[s.count] if attribute == "count" else getattr(s, attribute)
+    return phrasings[phrasing % len(phrasings)].format(**agree), answer
+
+
+def read_answer(text, attribute):
+    """The first word of a free-text answer that is a possible answer to `attribute` ('Two circles.' -> 'two' for
+    count, 'circle' for shape; digits count as words), or None."""
+    for word in re.findall(r"[a-z0-9]+", text.lower()):
+        word = COUNT_WORDS.get(int(word), word) if word.isdigit() else word
+        for candidate in (word, word[:-1] if word.endswith("s") else None):
+            if candidate in ANSWERS[attribute]:
+                return candidate
+    return None

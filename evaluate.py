@@ -1,0 +1,333 @@
+"""Evaluate a Scale-RAE checkpoint on the synthetic shapes (issue 7): GenEval-like generation accuracy on seen and
+held-out attribute combinations, and understanding accuracy on real and generated images. Deterministic.
+
+    python evaluate.py --model-path toy --num-prompts 100 --seed 0 --grid eval.png --json eval.json
+
+Generation. A fixed prompt set from the synthetic generator (data.py): half of the prompts ask for a (color, shape)
+pair the toy model saw in training, half for a pair of data.TOY_HOLDOUT, which the toy training data never shows
+(compositional generalization); count, size and position are uniform. Each prompt gets one image through the real
+pipeline, as sample.py makes it: tokenizer.chat_prompt -> ScaleRAE.generate -> ScaleRAE.sample_latents (prompt i
+from seed + i) -> RAE decoder. The deterministic analyzer (data.analyze_shapes) reads back color, shape, position,
+count and size; a prompt is right "overall" when color, shape, position and count all are (size is reported too).
+A prompt that gets no image (the model never opened one) is wrong on everything.
+
+Understanding. Questions as the training data asks them (data.QUESTIONS, one attribute per image in turn), about
+  real images   rendered shapes (seen combinations, plain or two-tone backgrounds) -> RAE encoder -> the model;
+  generated     each generated latent, fed back as image features, asked about the prompt's attribute; scored
+                against the prompt, and its agreement with what the analyzer reads in the decoded image is reported.
+The first word of the answer that is a possible answer counts (data.read_answer).
+
+Output: a table on stdout; --json the numbers (fractions in [0, 1]) and every sample; --grid a PNG of the samples
+with their prompts (green: all scored attributes right, red: the wrong ones listed). The DiT dominates the cost
+(the official schedule makes 49 evaluations per image); --steps 10 gives a quick estimate.
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from data import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes, analyze_shapes,
+                  generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
+from sample import DECODER_FOR_ENCODER, DEFAULT_MODEL, write_atomic
+
+ATTRIBUTES = SCORED + ("size",)
+SPLITS = ("seen", "held-out")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default=DEFAULT_MODEL, help="Hub id or local folder of a Scale-RAE checkpoint")
+    p.add_argument("--decoder-repo", help="Hub id or local folder of the RAE decoder (default: the one for the "
+                                          "model's encoder)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt and question sets and of the DiT noise")
+    p.add_argument("--num-prompts", type=int, default=100, help="generation prompts (half seen, half held-out)")
+    p.add_argument("--num-questions", type=int, help="understanding questions about real images (default: "
+                                                     "--num-prompts; 0 = none, the encoder is then never loaded)")
+    p.add_argument("--steps", type=int, help="Euler steps (default: the official 50-step, 49-evaluation schedule)")
+    p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=float, default=1.0,
+                   help="classifier-free guidance scale; 1.0 = off")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="per answer, and before an image opens")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per LLM batch and images per DiT batch")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--grid", help="write a PNG grid of the samples with their prompts here")
+    p.add_argument("--json", help="write the numbers and every sample here")
+    args = p.parse_args(argv)
+    if args.num_questions is None:
+        args.num_questions = args.num_prompts
+    if args.num_prompts < 1 or args.num_questions < 0:
+        p.error("--num-prompts must be >= 1 and --num-questions >= 0")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance_level < 0:
+        p.error(f"--guidance-level must be >= 0, got {args.guidance_level}")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        p.error("--max-new-tokens and --batch-size must be >= 1")
+    if args.grid and not args.grid.lower().endswith(".png"):
+        p.error(f"--grid must name a .png file, got {args.grid}")
+    return args
+
+
+# ---- the prompt and question sets ----
+
+def prompt_set(seed, n, holdout=TOY_HOLDOUT):
+    """n generation prompts {shapes, prompt, split}: odd ones ask for a held-out (color, shape) pair (in turn), even
+    ones for a seen pair; count, size and position uniform; the request phrasings in turn."""
+    rng = random.Random(f"evaluate/prompts/{seed}")
+    seen = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in holdout]
+    out = []
+    for i in range(n):
+        split = "held-out" if i % 2 and holdout else "seen"
+        color, shape = holdout[i // 2 % len(holdout)] if split == "held-out" else rng.choice(seen)
+        s = Shapes(shape, color, rng.randint(1, 3), rng.choice(SIZES), rng.choice(POSITIONS))
+        out.append(dict(shapes=s, prompt=generation_prompt(s, i), split=split))
+    return out
+
+
+def question_set(seed, n, image_size, holdout=TOY_HOLDOUT):
+    """n understanding questions {shapes, image, attribute, question, answer} about rendered images of seen
+    combinations (as the training data draws them), one attribute per image in turn."""
+    rng = random.Random(f"evaluate/questions/{seed}")
+    out = []
+    for i in range(n):
+        s = random_shapes(rng, holdout)
+        image, _ = render_shapes(s, rng, image_size)
+        attribute = list(QUESTIONS)[i % len(QUESTIONS)]
+        question, answer = shapes_question(s, attribute, rng.randrange(len(QUESTIONS[attribute])))
+        out.append(dict(shapes=s, image=image, attribute=attribute, question=question, answer=answer))
+    return out
+
+
+# ---- the pipeline: the calls sample.py makes ----
+
+def load(model_path, decoder_repo, device, dtype):
+    """(model, tokenizer, rae) of a checkpoint; the RAE encoder loads on first use. A checkpoint may ship its own
+    encoder (config's encoder path relative to its folder) and decoder (a `decoder/` subfolder), as the toy does."""
+    from model import ScaleRAE
+    from rae import RAE
+    from tokenizer import Tokenizer
+    from weights import WeightsError, resolve
+    folder = Path(resolve(model_path, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    model = ScaleRAE.from_pretrained(folder, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_dir(folder)
+    encoder = str(folder / model.config.encoder) if (folder / model.config.encoder).is_dir() else model.config.encoder
+    shipped = folder / "decoder"
+    decoder = decoder_repo or (str(shipped) if shipped.is_dir() else DECODER_FOR_ENCODER.get(encoder))
+    if decoder is None:
+        raise WeightsError(f"no default RAE decoder for the encoder {encoder!r}; pass --decoder-repo")
+    return model, tokenizer, RAE.from_pretrained(encoder, decoder, dtype=dtype, device=device)
+
+
+def llm(model, tokenizer, texts, features=None, max_new_tokens=32, batch_size=32):
+    """Greedy generation for user turns `texts` (with image features (N, 256, C): about those images), batched:
+    [(answer text, DiT condition (256, Z) or None)]."""
+    from model import IMAGE_TOKEN
+    from tokenizer import chat_prompt
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        ids = [tokenizer.encode_with_image(chat_prompt(t, image=features is not None), IMAGE_TOKEN) for t in chunk]
+        gen = model.generate(ids, stop_ids={tokenizer.chat_end}, image_start_id=tokenizer.image_start,
+                             image_features=None if features is None else features[i:i + batch_size],
+                             max_new_tokens=max_new_tokens)
+        out += [(tokenizer.decode(token_ids), cond) for token_ids, cond in gen]
+    return out
+
+
+def dit(model, conditions, seeds, steps=None, cfg_scale=1.0, batch_size=32):
+    """Latents (N, 256, C) float32 for conditions (N, 256, Z); image i starts from seed seeds[i]."""
+    import torch
+    return torch.cat([model.sample_latents(torch.stack(conditions[i:i + batch_size]), seeds[i:i + batch_size],
+                                           steps=steps, cfg_scale=cfg_scale)
+                      for i in range(0, len(conditions), batch_size)])
+
+
+def decode(rae, latents, batch_size=32):
+    """PIL images of latents (N, 256, C), as sample.py writes them."""
+    return [im for i in range(0, len(latents), batch_size) for im in rae.to_pil(rae.decode(latents[i:i + batch_size]))]
+
+
+# ---- scoring ----
+
+def score(shapes, image):
+    """(what the analyzer reads in `image`, or None when there is no image; {image, each attribute, overall: right?})
+    against the target Shapes. No image is wrong on everything."""
+    found = analyze_shapes(image) if image is not None else None
+    right = dict(image=found is not None,
+                 **{k: found is not None and found[k] == getattr(shapes, k) for k in ATTRIBUTES})
+    right["overall"] = all(right[k] for k in SCORED)
+    return found, right
+
+
+def accuracy(rows, keys):
+    """{n, key: mean of row["right"][key]} (None for an empty set)."""
+    return dict(n=len(rows), **{k: float(np.mean([r["right"][k] for r in rows])) if rows else None for k in keys})
+
+
+def summarize(samples, real, generated):
+    """The numbers of the JSON file from the scored rows."""
+    gen = {split: accuracy([r for r in samples if r["split"] == split], ("image",) + ATTRIBUTES + ("overall",))
+           for split in SPLITS}
+    gen["all"] = accuracy(samples, ("image",) + ATTRIBUTES + ("overall",))
+    understanding = {}
+    for name, rows in (("real", real), ("generated", generated)):
+        u = accuracy(rows, ("answer",))
+        u["accuracy"] = u.pop("answer")
+        u.update({a: accuracy([r for r in rows if r["attribute"] == a], ("answer",))["answer"] for a in QUESTIONS})
+        understanding[name] = u
+    agree = [r["right"]["analyzer"] for r in generated if r["right"]["analyzer"] is not None]
+    understanding["generated"]["agrees_with_analyzer"] = float(np.mean(agree)) if agree else None
+    return dict(generation=gen, understanding=understanding)
+
+
+def format_table(summary, header=""):
+    pct = lambda v: "   -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
+    gen_keys = ("image",) + SCORED + ("overall", "size")
+    lines = [header, "generation   " + "     n" + "".join(f"{k:>9}" for k in gen_keys)]
+    for split, row in summary["generation"].items():
+        lines.append(f"{split:<13}{row['n']:>6}" + "".join(f"{pct(row[k]):>9}" for k in gen_keys))
+    und_keys = ("accuracy",) + tuple(QUESTIONS)
+    lines += ["", "understanding" + "     n" + "".join(f"{k:>9}" for k in und_keys)]
+    for name, row in summary["understanding"].items():
+        lines.append(f"{name:<13}{row['n']:>6}" + "".join(f"{pct(row[k]):>9}" for k in und_keys))
+    agree = summary["understanding"]["generated"]["agrees_with_analyzer"]
+    lines.append(f"answers about generated images that agree with the analyzer: {pct(agree).strip()}")
+    return "\n".join(lines)
+
+
+def wrap(text, font, width):
+    """Lines of `text` no wider than `width` pixels in `font` (words are never split)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def save_grid(path, samples, columns=8, cell=160, text_lines=5):
+    """A PNG grid: each sample's image (gray when there is none) with its prompt below, then the verdict: green when
+    all scored attributes are right, else red with the wrong ones listed."""
+    font = ImageFont.load_default()
+    columns = min(columns, len(samples))
+    line_h, pad = 12, 3
+    height = cell + text_lines * line_h + pad
+    grid = Image.new("RGB", (columns * cell, -(-len(samples) // columns) * height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, r in enumerate(samples):
+        x, y = i % columns * cell, i // columns * height
+        image = r["image"] if r["image"] is not None else Image.new("RGB", (cell, cell), (128, 128, 128))
+        side = cell - 2 * pad  # enlarge small images without smoothing: the pixels are the result
+        resample = Image.NEAREST if image.width < side else Image.LANCZOS
+        grid.paste(image.resize((side, side), resample), (x + pad, y + pad))
+        wrong = [k for k in SCORED if not r["right"][k]]
+        verdict = wrap(f"{r['split']}: " + ("no image" if r["image"] is None else "wrong " + ", ".join(wrong)
+                                            if wrong else "ok"), font, side)
+        prompt = wrap(r["prompt"], font, side)[:text_lines - len(verdict)]
+        for j, line in enumerate(prompt + verdict):
+            fill = (0, 0, 0) if j < len(prompt) else (200, 0, 0) if wrong else (0, 140, 0)
+            draw.text((x + pad, y + cell + j * line_h), line, fill=fill, font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), lambda tmp: grid.save(tmp, format="PNG"))
+
+
+# ---- main ----
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    from weights import WeightsError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    torch.set_grad_enabled(False)
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer, rae = load(args.model_path, args.decoder_repo, device, dtype)
+    except (WeightsError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"loaded {args.model_path} in {time.perf_counter() - t0:.1f}s ({device}, {str(dtype).split('.')[-1]})")
+
+    # Generation: one image per prompt, prompt i from seed + i.
+    t0 = time.perf_counter()
+    samples = prompt_set(args.seed, args.num_prompts)
+    for r, (text, cond) in zip(samples, llm(model, tokenizer, [r["prompt"] for r in samples],
+                                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)):
+        r.update(text=text, cond=cond, latent=None, image=None)
+    drawn = [(i, r) for i, r in enumerate(samples) if r["cond"] is not None]
+    if drawn:
+        latents = dit(model, [r["cond"] for _, r in drawn], [args.seed + i for i, _ in drawn], args.steps,
+                      args.guidance_level, args.batch_size)
+        for (_, r), x, image in zip(drawn, latents, decode(rae, latents.to(dtype), args.batch_size)):
+            r.update(latent=x, image=image)
+    for r in samples:
+        r["found"], r["right"] = score(r["shapes"], r["image"])
+    print(f"generation: {len(samples)} prompts, {len(drawn)} images in {time.perf_counter() - t0:.1f}s")
+
+    # Understanding: questions about real images, and about the generated latents fed back as image features.
+    t0 = time.perf_counter()
+    real = []
+    if args.num_questions:
+        try:
+            real = question_set(args.seed, args.num_questions, rae.encoder.image_size)
+        except (WeightsError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        features = torch.cat([rae.encode([q["image"] for q in real[i:i + args.batch_size]])
+                              for i in range(0, len(real), args.batch_size)]).to(dtype)
+        answers = llm(model, tokenizer, [q["question"] for q in real], features, args.max_new_tokens, args.batch_size)
+        for q, (text, _) in zip(real, answers):
+            q.update(text=text, right=dict(answer=read_answer(text, q["attribute"]) == q["answer"]))
+    generated = []
+    for k, (_, r) in enumerate(drawn):
+        attribute = list(QUESTIONS)[k % len(QUESTIONS)]
+        question, answer = shapes_question(r["shapes"], attribute)
+        found = r["found"][attribute]  # what the analyzer reads, as an answer word
+        generated.append(dict(attribute=attribute, question=question, answer=answer,
+                              analyzer=COUNT_WORDS.get(found) if attribute == "count" else found))
+    if generated:
+        features = torch.stack([r["latent"] for _, r in drawn]).to(dtype)
+        answers = llm(model, tokenizer, [q["question"] for q in generated], features, args.max_new_tokens,
+                      args.batch_size)
+        for q, (text, _) in zip(generated, answers):
+            said = read_answer(text, q["attribute"])
+            q.update(text=text, right=dict(answer=said == q["answer"],
+                                           analyzer=None if q["analyzer"] is None else said == q["analyzer"]))
+    print(f"understanding: {len(real)} questions about real images, {len(generated)} about generated ones in "
+          f"{time.perf_counter() - t0:.1f}s")
+
+    summary = summarize(samples, real, generated)
+    header = (f"{args.model_path}: seed {args.seed}, held-out (color, shape) pairs "
+              f"{', '.join('/'.join(p) for p in TOY_HOLDOUT)}")
+    print(format_table(summary, header))
+    if args.grid:
+        save_grid(args.grid, samples)
+        print(f"wrote {args.grid}")
+    if args.json:
+        out = dict(model_path=args.model_path, decoder_repo=args.decoder_repo, seed=args.seed, steps=args.steps,
+                   guidance_level=args.guidance_level, dtype=str(dtype).split(".")[-1], holdout=TOY_HOLDOUT,
+                   **summary,
+                   samples=[dict(prompt=r["prompt"], split=r["split"],
+                                 target={k: getattr(r["shapes"], k) for k in ATTRIBUTES}, text=r["text"],
+                                 image=r["image"] is not None, found=r["found"], right=r["right"]) for r in samples],
+                   questions=[dict(source=source, question=q["question"], attribute=q["attribute"],
+                                   expected=q["answer"], analyzer=q.get("analyzer"), text=q["text"],
+                                   right=q["right"])
+                              for source, rows in (("real", real), ("generated", generated)) for q in rows])
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(args.json), lambda tmp: tmp.write_text(json.dumps(out, indent=1)))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
