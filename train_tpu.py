@@ -48,6 +48,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,10 @@ import torch.nn.functional as F
 from data import SampleStream, batches, open_source
 from dit import DIT_PRESETS, dit_flops
 from encoders import load_encoder
-from model import QWEN_PRESETS, ScaleRAE, ScaleRAEConfig
+from model import QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
+from weights import read_config, resolve
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -71,16 +73,17 @@ STAGE_DEFAULTS = {  # official values (training notes §6.1, items 12-16); the d
     "2": dict(lr=5.66e-5, warmup_ratio=0.03, seq_len=1024, log_every=10),
     "decoder": dict(lr=2e-4, warmup_ratio=1 / 16, seq_len=512, log_every=100),
 }
-TOY = dict(llm="toy", dit="toy", decoder="toy", encoder="toy/encoder", tokenizer="toy/tokenizer")  # issue 7 sizes
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--stage", required=True, choices=["1", "2", "decoder"])
-parser.add_argument("--preset", choices=["toy"], help="toy sizes for every component (LLM, DiT, encoder, decoder)")
-parser.add_argument("--init", help="stage 1: Qwen2.5 weights (folder or Hub id; default Qwen/Qwen2.5-1.5B-Instruct, "
-                    "none with --preset toy: random); stage 2: a stage-1 export")
-parser.add_argument("--llm", help=f"LLM preset when stage 1 starts without --init ({', '.join(QWEN_PRESETS)})")
-parser.add_argument("--dit", default="dit-2.4b", help=f"stage-1 DiT preset ({', '.join(DIT_PRESETS)})")
-parser.add_argument("--decoder", default="vit-xl", help=f"decoder preset ({', '.join(DECODER_PRESETS)})")
+parser.add_argument("--preset", choices=["toy"], help="the toy LLM, DiT and decoder presets (with a toy --encoder "
+                    "and --tokenizer, as toy.py writes them)")
+parser.add_argument("--init", help="stage 1: Qwen2.5 weights, folder or Hub id (default Qwen/Qwen2.5-1.5B-Instruct); "
+                    "stage 2: a stage-1 export")
+parser.add_argument("--llm", help=f"stage 1: a randomly initialized LLM of this preset instead of --init "
+                    f"({', '.join(QWEN_PRESETS)})")
+parser.add_argument("--dit", help=f"stage-1 DiT preset, default dit-2.4b ({', '.join(DIT_PRESETS)})")
+parser.add_argument("--decoder", help=f"decoder preset, default vit-xl ({', '.join(DECODER_PRESETS)})")
 parser.add_argument("--encoder", help="frozen encoder, folder or Hub id (stage 1 and decoder: default "
                     "google/siglip2-so400m-patch14-224; stage 2: the one named in the stage-1 config)")
 parser.add_argument("--tokenizer", help="tokenizer folder (default: the --init folder)")
@@ -109,16 +112,22 @@ parser.add_argument("--backend", choices=["auto", "xla", "torch"], default="auto
 parser.add_argument("--data-parallel", type=int, default=1, help="size of the mesh's `data` axis (fsdp = the rest)")
 args = parser.parse_args()
 
-for k, v in (TOY if args.preset == "toy" else {}).items():
-    if getattr(args, k) is None or k in ("dit", "decoder") and getattr(args, k) == parser.get_default(k):
-        setattr(args, k, v)
+toy = args.preset == "toy"
+args.dit = args.dit or ("toy" if toy else "dit-2.4b")
+args.decoder = args.decoder or ("toy" if toy else "vit-xl")
+if args.stage == "1" and args.init is None:
+    args.llm = args.llm or ("toy" if toy else None)
 for k, v in STAGE_DEFAULTS[args.stage].items():
     setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-if args.stage == "1" and args.init is None and args.preset is None:
+if args.stage == "1" and args.init and args.llm:
+    parser.error("--stage 1 starts from --init weights or from a random --llm preset, not both")
+if args.stage == "1" and args.llm is None and args.init is None:
     args.init = "Qwen/Qwen2.5-1.5B-Instruct"
 if args.stage == "2" and args.init is None:
     parser.error("--stage 2 starts from a stage-1 export: pass --init")
 if args.stage != "2" and args.encoder is None:
+    if toy:
+        parser.error("--preset toy needs the toy --encoder folder (toy.py writes one)")
     args.encoder = "google/siglip2-so400m-patch14-224"
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,8 +144,9 @@ if USE_XLA:
     from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
 
     xr.use_spmd()
-    dist.init_process_group("gloo", init_method="xla://")  # a CPU group: checkpoints and barriers across hosts
     device, rank, world = torch_xla.device(), xr.process_index(), xr.process_count()
+    if world > 1:  # a CPU process group across hosts, for checkpoints and barriers
+        dist.init_process_group("gloo", init_method="xla://")
     n_devices = xr.global_runtime_device_count()
     if n_devices % args.data_parallel:
         parser.error(f"--data-parallel {args.data_parallel} does not divide the {n_devices} devices")
@@ -183,14 +193,16 @@ def barrier():
 
 out = Path(args.out)
 log_path = out / "log.jsonl"
-if out.exists() and any(out.iterdir()) and not args.resume:
-    raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-if (out / "export").exists():
-    raise SystemExit(f"{out} holds a finished run (export/ exists); nothing to do")
+if out.exists() and any(out.iterdir()):
+    if not args.resume:
+        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if not (out / "args.json").exists():
+        raise SystemExit(f"{out} is not empty and is not a train_tpu.py run (no args.json); choose another --out")
 if rank == 0:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "args.json").exists():
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        (out / "args.json.tmp").write_text(json.dumps(vars(args), indent=1))
+        (out / "args.json.tmp").replace(out / "args.json")
 barrier()
 saved_args = json.loads((out / "args.json").read_text())
 free = ("out", "resume", "log_every", "save_every", "keep", "peak_tflops", "backend", "data_parallel")
@@ -198,6 +210,9 @@ changed = {k: (saved_args.get(k), v) for k, v in vars(args).items() if k not in 
 if changed:
     raise SystemExit(f"the run in {out} was started with other arguments (saved, now): {changed}. Resume it with "
                      f"the same ones (or edit {out / 'args.json'} if you know the change is safe).")
+if (out / "export").exists():
+    print(f"{out} holds a finished run (export/ exists): nothing to do")
+    raise SystemExit(0)
 
 
 def log(msg):
@@ -225,22 +240,17 @@ encoder = load_encoder(encoder_path, device=device)  # frozen: eval mode, requir
 
 if args.stage == "1":
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.init, add_image_markers=True)
-    if args.init:  # Qwen2.5 weights; the new modules keep their fresh initialization
-        from model import Qwen2ForCausalLM
-        llm = Qwen2ForCausalLM.from_pretrained(args.init)
-        cfg = ScaleRAEConfig(**vars(llm.config), dit=DIT_PRESETS[args.dit], mm_hidden_size=encoder.hidden_size,
-                             encoder=encoder_path, tokenizer_model_max_length=args.seq_len)
-        model = ScaleRAE(cfg)
-        missing, unexpected = model.load_state_dict(llm.state_dict(), strict=False)
+    if args.init:
+        llm_config = QwenConfig.from_dict(read_config(resolve(args.init, allow_patterns=["*.json"])))
+    else:  # a toy LLM from scratch: its vocabulary is the tokenizer's
+        llm_config = replace(QWEN_PRESETS[args.llm], vocab_size=len(tokenizer))
+    model = ScaleRAE(ScaleRAEConfig(**vars(llm_config), dit=DIT_PRESETS[args.dit], mm_hidden_size=encoder.hidden_size,
+                                    encoder=encoder_path, tokenizer_model_max_length=args.seq_len))
+    if args.init:  # Qwen2.5's weights; latent queries, projectors and DiT keep their fresh (official) initialization
+        missing, unexpected = model.load_state_dict(Qwen2ForCausalLM.from_pretrained(args.init).state_dict(), strict=False)
         assert not unexpected and all(k.startswith(("model.latent_queries", "model.mm_projector", "diff_head"))
                                       for k in missing), (missing, unexpected)
-        del llm
-    else:
-        cfg = ScaleRAEConfig(**vars(QWEN_PRESETS[args.llm]), dit=DIT_PRESETS[args.dit],
-                             mm_hidden_size=encoder.hidden_size, encoder=encoder_path,
-                             tokenizer_model_max_length=args.seq_len)
-        model = ScaleRAE(cfg)
-    model.resize_token_embeddings(len(tokenizer))  # + <im_start>, <im_end>, mean-initialized (official)
+        model.resize_token_embeddings(len(tokenizer))  # + <im_start>, <im_end>, mean-initialized rows (official)
     model.train()
 
 if args.stage == "decoder":
@@ -418,8 +428,8 @@ def load_checkpoint(path):
     optimizer.load_state_dict(state["optimizer"])
     host = torch.load(path / f"host{rank}.pt", weights_only=False)
     stream.load_state_dict(host["data"])
-    set_rng_state(host["rng"])
     sync()  # the restored tensors become device buffers before the first step is traced
+    set_rng_state(host["rng"])  # last: every XLA sync advances the device RNG
     return host["step"]
 
 
@@ -475,17 +485,17 @@ bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or
 for step in range(start + 1, args.steps + 1):
     batch = to_device(next(batch_iter))
     for g, base in zip(optimizer.param_groups, base_lrs):
-        # A Python float: XLA passes it as data, not as a constant, so a new value does not recompile the step. Only
-        # step 1 (lr 0 in both groups, which XLA passes as one shared value) compiles a graph of its own.
+        # A Python float: XLA passes it as data, not as a constant, so a new value does not recompile the step. XLA
+        # passes equal numbers as one value, though, and at step 1 some coincide (lr 0 in both groups; Adam's first
+        # bias correction 1 - 0.9 equals 1 - beta1): step 1 compiles a graph of its own, every later step reuses one.
         g["lr"] = base * lr_factor(step - 1)
     metrics = train_step(batch)
     bad = bad | ~torch.isfinite(metrics["loss"]) | ~torch.isfinite(metrics["grad_norm"])
     if step % args.log_every == 0 or step == args.steps:
         on_host(report, step, metrics, [g["lr"] for g in optimizer.param_groups], bad)
     sync()
-    if meter["halt"] is None and (step % args.save_every == 0 or step == args.steps):
-        if bad.item() or not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item():
-            meter["halt"] = step  # never write a checkpoint of non-finite weights
+    if meter["halt"] is None and (step % args.save_every == 0 or step == args.steps) and bad.item():
+        meter["halt"] = step  # never checkpoint weights that a non-finite gradient has reached
     if meter["halt"] is not None:
         last = checkpoints()[-1].name if checkpoints() else "none"
         raise SystemExit(f"non-finite loss or gradient norm by step {meter['halt']}: stopping. The last good "
