@@ -52,6 +52,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tokenizer import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, SYSTEM_PROMPT, turn
+from weights import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -512,12 +513,6 @@ def _png(image):
     return buf.getvalue()
 
 
-def _write_atomic(path, data):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fraction=0.5, holdout=(),
                          formats=("jsonl", "wds"), samples_per_tar=1000):
     """Write n synthetic samples in the official formats: `data.jsonl` + `images/` and/or `wds_manifest.json` +
@@ -535,9 +530,9 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
         (folder / "images").mkdir(parents=True, exist_ok=True)
         lines = []
         for name, (record, png) in zip(names, samples):
-            _write_atomic(folder / "images" / f"{name}.png", png)
+            write_atomic(folder / "images" / f"{name}.png", png)
             lines.append(json.dumps(dict(image=f"images/{name}.png", **record)))
-        _write_atomic(folder / "data.jsonl", ("\n".join(lines) + "\n").encode())
+        write_atomic(folder / "data.jsonl", ("\n".join(lines) + "\n").encode())
         out["jsonl"] = folder / "data.jsonl"
     if "wds" in formats:
         (folder / "shards").mkdir(parents=True, exist_ok=True)
@@ -555,7 +550,7 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
             os.replace(tmp, folder / tars[-1])
         manifest = dict(dataset_name=f"shapes-seed{seed}", tars=tars, samples_per_tar_assumption=samples_per_tar,
                         estimated_total_samples=n)
-        _write_atomic(folder / "wds_manifest.json", json.dumps(manifest, indent=1).encode())
+        write_atomic(folder / "wds_manifest.json", json.dumps(manifest, indent=1).encode())
         out["wds"] = folder / "wds_manifest.json"
     return out
 

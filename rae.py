@@ -29,6 +29,12 @@ from encoders import ViTAttention, activation, from_dict, load_encoder, named, r
 from weights import WeightsError, load_strict, read_config, resolve
 
 
+DECODER_FOR_ENCODER = {  # the released RAE decoder of each representation encoder
+    "google/siglip2-so400m-patch14-224": "nyu-visionx/siglip2_decoder",
+    "facebook/webssl-dino300m-full2b-224": "nyu-visionx/webssl300m_decoder",
+}
+
+
 @dataclass
 class DecoderConfig:  # defaults are transformers' ViTMAEConfig defaults, which the official AutoConfig fills in
     decoder_hidden_size: int = 512
@@ -172,8 +178,10 @@ class RAE:
     """A frozen encoder paired with its pixel decoder. The encoder is loaded on first use: sampling needs only the
     decoder, whose input width and de-normalization come from the encoder's JSON files."""
 
-    def __init__(self, decoder: RAEDecoder, encoder=None, encoder_path=None, dtype=torch.float32, device="cpu"):
+    def __init__(self, decoder: RAEDecoder, encoder=None, encoder_path=None, dtype=torch.float32, device="cpu",
+                 decoder_path=None):
         self.decoder, self._encoder = decoder, encoder
+        self.encoder_path, self.decoder_path = encoder_path, decoder_path  # where they came from, for manifests
         self._encoder_args = (encoder_path, dtype, device)
 
     @classmethod
@@ -181,7 +189,7 @@ class RAE:
         _, enc_cfg, processing = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
         decoder = load_decoder(decoder_path, enc_cfg.hidden_size, processing.image_mean, processing.image_std,
                                dtype, device)
-        return cls(decoder, encoder_path=encoder_path, dtype=dtype, device=device)
+        return cls(decoder, encoder_path=encoder_path, dtype=dtype, device=device, decoder_path=decoder_path)
 
     @property
     def encoder(self):
