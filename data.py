@@ -262,11 +262,12 @@ class SampleStream:
     """Endless iterator of `Sample`s for data-parallel host `rank` of `world` (see the module docstring).
 
     max_len: the fixed sequence length L (official model_max_length). buffer_size: records shuffled together.
-    epochs: stop after this many (None: never stop). `stats` counts records read, samples used, and skips by reason.
+    epochs: stop after this many (None: never stop). images_only: skip text-only samples (the decoder stage reads
+    only the images). `stats` counts records read, samples used, and skips by reason.
     """
 
     def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
-                 epochs=None, image_tokens=IMAGE_TOKENS):
+                 epochs=None, image_tokens=IMAGE_TOKENS, images_only=False):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, world={world})")
         if source.num_shards < world:
@@ -274,6 +275,7 @@ class SampleStream:
         self.source, self.tokenizer, self.max_len, self.image_tokens = source, tokenizer, max_len, image_tokens
         self.rank, self.world, self.seed, self.shuffle, self.epochs = rank, world, seed, shuffle, epochs
         self.buffer_size = buffer_size if shuffle else 1
+        self.images_only = images_only
         self.position = dict(epoch=0, shard=0, offset=0, taken=0)
         self.stats = Counter()
 
@@ -320,6 +322,8 @@ class SampleStream:
             images = record["images"]
             if len(images) > 1:
                 raise Skip("too_many_images", f"{len(images)} images (max 1 per sample)")
+            if self.images_only and not images:
+                raise Skip("no_image", "text-only sample in an images-only stream")
             ids, labels, is_target = encode_conversation(self.tokenizer, record["conversations"], bool(images),
                                                          self.max_len, self.image_tokens)
             image = None
