@@ -17,7 +17,8 @@ loader uses strict=False and silently ignores mismatches). The decoder's input w
 `hidden_size` field of the decoder's config.json is ignored, as the official code overrides it.
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,20 @@ class RAEDecoder(nn.Module):
     def normalize(self, images):  # pixels in [0, 1] -> the space of predict_patches (patchify it for a patch loss)
         mean, std = (images.new_tensor(s).view(1, -1, 1, 1) for s in (self.image_mean, self.image_std))
         return (images - mean) / std
+
+    def save_pretrained(self, folder):
+        """The released layout: a ViT-MAE-style config.json and model.pt (a flat state dict, float32), written into
+        a temporary folder that is renamed at the end; an existing folder is never overwritten."""
+        folder = Path(folder)
+        if folder.exists():
+            raise FileExistsError(f"{folder} exists; save the decoder to a new folder")
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True)
+        torch.save({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / "model.pt")
+        config = dict(model_type="vit_mae", architectures=["GeneralDecoder"], hidden_size=self.decoder_embed.in_features,
+                      **asdict(self.config))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tmp.rename(folder)
 
     def forward(self, latents):  # (B, N, C) -> (B, 3, H, W) pixels, ~[0, 1], in float32 like the official output
         x = self.unpatchify(self.predict_patches(latents)).float()
