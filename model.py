@@ -215,6 +215,16 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = self.backbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """transformers' Qwen2 initialization (for training from scratch): N(0, 0.02) weights, zero biases."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
 
     @property
     def lm_head_weight(self):
@@ -336,7 +346,11 @@ class ScaleRAE(Qwen2ForCausalLM):
 
     def __init__(self, cfg: ScaleRAEConfig):
         super().__init__(cfg)
+        for layer in self.model.mm_projector[::2]:
+            layer.reset_parameters()  # official: built after the LLM's init, so PyTorch's default initialization
         self.diff_head_projector = nn.Linear(cfg.hidden_size, cfg.dit.z_channels)
+        nn.init.normal_(self.diff_head_projector.weight, std=0.02)  # official init; the DiT initializes itself
+        nn.init.zeros_(self.diff_head_projector.bias)
         self.diff_head = DiffusionHead(cfg.dit)
 
     def embed(self, input_ids, image_features, image_is_target):
