@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes, analyze_shapes,
                   generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
+from sample import check_sampling_args
 from weights import write_atomic
 
 ATTRIBUTES = SCORED + ("size",)
@@ -64,14 +65,7 @@ def parse_args(argv=None):
         args.num_questions = args.num_prompts
     if args.num_prompts < 1 or args.num_questions < 0:
         p.error("--num-prompts must be >= 1 and --num-questions >= 0")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance_level < 0:
-        p.error(f"--guidance-level must be >= 0, got {args.guidance_level}")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        p.error("--max-new-tokens and --batch-size must be >= 1")
+    check_sampling_args(p, args)
     if args.grid and not args.grid.lower().endswith(".png"):
         p.error(f"--grid must name a .png file, got {args.grid}")
     return args

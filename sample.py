@@ -60,16 +60,9 @@ def parse_args(argv=None):
         p.error("--image and --latent are exclusive")
     if (args.image or args.latent) and len(prompts) > 1:
         p.error("--image/--latent take a single --prompt")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
     if args.num_images < 1:
         p.error(f"--num-images must be >= 1, got {args.num_images}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance_level < 0:
-        p.error(f"--guidance-level must be >= 0, got {args.guidance_level}")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        p.error("--max-new-tokens and --batch-size must be >= 1")
+    check_sampling_args(p, args)
     args.prompts = prompts
     try:
         args.input_image = load_image(args.image) if args.image else None
@@ -77,6 +70,18 @@ def parse_args(argv=None):
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     return args
+
+
+def check_sampling_args(p, args):
+    """The checks sample.py and evaluate.py share, made before any model is loaded."""
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance_level < 0:
+        p.error(f"--guidance-level must be >= 0, got {args.guidance_level}")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        p.error("--max-new-tokens and --batch-size must be >= 1")
 
 
 def read_prompts(parser, path):
