@@ -52,6 +52,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tokenizer import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, SYSTEM_PROMPT, turn
+from weights import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -261,11 +262,12 @@ class SampleStream:
     """Endless iterator of `Sample`s for data-parallel host `rank` of `world` (see the module docstring).
 
     max_len: the fixed sequence length L (official model_max_length). buffer_size: records shuffled together.
-    epochs: stop after this many (None: never stop). `stats` counts records read, samples used, and skips by reason.
+    epochs: stop after this many (None: never stop). images_only: skip text-only samples (the decoder stage reads
+    only the images). `stats` counts records read, samples used, and skips by reason.
     """
 
     def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
-                 epochs=None, image_tokens=IMAGE_TOKENS):
+                 epochs=None, image_tokens=IMAGE_TOKENS, images_only=False):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, world={world})")
         if source.num_shards < world:
@@ -273,6 +275,7 @@ class SampleStream:
         self.source, self.tokenizer, self.max_len, self.image_tokens = source, tokenizer, max_len, image_tokens
         self.rank, self.world, self.seed, self.shuffle, self.epochs = rank, world, seed, shuffle, epochs
         self.buffer_size = buffer_size if shuffle else 1
+        self.images_only = images_only
         self.position = dict(epoch=0, shard=0, offset=0, taken=0)
         self.stats = Counter()
 
@@ -319,6 +322,8 @@ class SampleStream:
             images = record["images"]
             if len(images) > 1:
                 raise Skip("too_many_images", f"{len(images)} images (max 1 per sample)")
+            if self.images_only and not images:
+                raise Skip("no_image", "text-only sample in an images-only stream")
             ids, labels, is_target = encode_conversation(self.tokenizer, record["conversations"], bool(images),
                                                          self.max_len, self.image_tokens)
             image = None
@@ -512,12 +517,6 @@ def _png(image):
     return buf.getvalue()
 
 
-def _write_atomic(path, data):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fraction=0.5, holdout=(),
                          formats=("jsonl", "wds"), samples_per_tar=1000):
     """Write n synthetic samples in the official formats: `data.jsonl` + `images/` and/or `wds_manifest.json` +
@@ -535,9 +534,9 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
         (folder / "images").mkdir(parents=True, exist_ok=True)
         lines = []
         for name, (record, png) in zip(names, samples):
-            _write_atomic(folder / "images" / f"{name}.png", png)
+            write_atomic(folder / "images" / f"{name}.png", png)
             lines.append(json.dumps(dict(image=f"images/{name}.png", **record)))
-        _write_atomic(folder / "data.jsonl", ("\n".join(lines) + "\n").encode())
+        write_atomic(folder / "data.jsonl", ("\n".join(lines) + "\n").encode())
         out["jsonl"] = folder / "data.jsonl"
     if "wds" in formats:
         (folder / "shards").mkdir(parents=True, exist_ok=True)
@@ -555,7 +554,7 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
             os.replace(tmp, folder / tars[-1])
         manifest = dict(dataset_name=f"shapes-seed{seed}", tars=tars, samples_per_tar_assumption=samples_per_tar,
                         estimated_total_samples=n)
-        _write_atomic(folder / "wds_manifest.json", json.dumps(manifest, indent=1).encode())
+        write_atomic(folder / "wds_manifest.json", json.dumps(manifest, indent=1).encode())
         out["wds"] = folder / "wds_manifest.json"
     return out
 

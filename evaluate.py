@@ -34,7 +34,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes, analyze_shapes,
                   generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
-from sample import DECODER_FOR_ENCODER, DEFAULT_MODEL, write_atomic
+from sample import check_sampling_args
+from weights import write_atomic
 
 ATTRIBUTES = SCORED + ("size",)
 SPLITS = ("seen", "held-out")
@@ -43,7 +44,7 @@ SPLITS = ("seen", "held-out")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=DEFAULT_MODEL, help="Hub id or local folder of a Scale-RAE checkpoint")
+    p.add_argument("--model-path", default="toy", help="Hub id or local folder of a Scale-RAE checkpoint (default: the shipped toy model)")
     p.add_argument("--decoder-repo", help="Hub id or local folder of the RAE decoder (default: the one for the "
                                           "model's encoder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt and question sets and of the DiT noise")
@@ -64,14 +65,7 @@ def parse_args(argv=None):
         args.num_questions = args.num_prompts
     if args.num_prompts < 1 or args.num_questions < 0:
         p.error("--num-prompts must be >= 1 and --num-questions >= 0")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance_level < 0:
-        p.error(f"--guidance-level must be >= 0, got {args.guidance_level}")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        p.error("--max-new-tokens and --batch-size must be >= 1")
+    check_sampling_args(p, args)
     if args.grid and not args.grid.lower().endswith(".png"):
         p.error(f"--grid must name a .png file, got {args.grid}")
     return args
@@ -109,36 +103,13 @@ def question_set(seed, n, image_size, holdout=TOY_HOLDOUT):
 
 # ---- the pipeline: the calls sample.py makes ----
 
-def load(model_path, decoder_repo, device, dtype):
-    """(model, tokenizer, rae) of a checkpoint; the RAE encoder loads on first use. A checkpoint may ship its own
-    encoder (config's encoder path relative to its folder) and decoder (a `decoder/` subfolder), as the toy does."""
-    from model import ScaleRAE
-    from rae import RAE
-    from tokenizer import Tokenizer
-    from weights import WeightsError, resolve
-    folder = Path(resolve(model_path, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    model = ScaleRAE.from_pretrained(folder, dtype=dtype, device=device)
-    tokenizer = Tokenizer.from_dir(folder)
-    encoder = str(folder / model.config.encoder) if (folder / model.config.encoder).is_dir() else model.config.encoder
-    shipped = folder / "decoder"
-    decoder = decoder_repo or (str(shipped) if shipped.is_dir() else DECODER_FOR_ENCODER.get(encoder))
-    if decoder is None:
-        raise WeightsError(f"no default RAE decoder for the encoder {encoder!r}; pass --decoder-repo")
-    return model, tokenizer, RAE.from_pretrained(encoder, decoder, dtype=dtype, device=device)
-
-
 def llm(model, tokenizer, texts, features=None, max_new_tokens=32, batch_size=32):
     """Greedy generation for user turns `texts` (with image features (N, 256, C): about those images), batched:
     [(answer text, DiT condition (256, Z) or None)]."""
-    from model import IMAGE_TOKEN
-    from tokenizer import chat_prompt
     out = []
     for i in range(0, len(texts), batch_size):
-        chunk = texts[i:i + batch_size]
-        ids = [tokenizer.encode_with_image(chat_prompt(t, image=features is not None), IMAGE_TOKEN) for t in chunk]
-        gen = model.generate(ids, stop_ids={tokenizer.chat_end}, image_start_id=tokenizer.image_start,
-                             image_features=None if features is None else features[i:i + batch_size],
-                             max_new_tokens=max_new_tokens)
+        gen = model.chat(tokenizer, texts[i:i + batch_size], None if features is None else features[i:i + batch_size],
+                         max_new_tokens=max_new_tokens)
         out += [(tokenizer.decode(token_ids), cond) for token_ids, cond in gen]
     return out
 
@@ -247,14 +218,14 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
+    from model import load_pipeline
     from weights import WeightsError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     try:
-        model, tokenizer, rae = load(args.model_path, args.decoder_repo, device, dtype)
+        model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, dtype=dtype, device=device)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"loaded {args.model_path} in {time.perf_counter() - t0:.1f}s ({device}, {str(dtype).split('.')[-1]})")

@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import DIT_PRESETS, DiffusionHead, DiTConfig, initial_noise
+from rae import DECODER_FOR_ENCODER, RAE
+from tokenizer import Tokenizer, chat_prompt
 from weights import WeightsError, load_strict, read_config, read_safetensors, resolve, save_safetensors
 
 
@@ -213,6 +215,16 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = self.backbone(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """transformers' Qwen2 initialization (for training from scratch): N(0, 0.02) weights, zero biases."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
 
     @property
     def lm_head_weight(self):
@@ -334,7 +346,11 @@ class ScaleRAE(Qwen2ForCausalLM):
 
     def __init__(self, cfg: ScaleRAEConfig):
         super().__init__(cfg)
+        for layer in self.model.mm_projector[::2]:
+            layer.reset_parameters()  # official: built after the LLM's init, so PyTorch's default initialization
         self.diff_head_projector = nn.Linear(cfg.hidden_size, cfg.dit.z_channels)
+        nn.init.normal_(self.diff_head_projector.weight, std=0.02)  # official init; the DiT initializes itself
+        nn.init.zeros_(self.diff_head_projector.bias)
         self.diff_head = DiffusionHead(cfg.dit)
 
     def embed(self, input_ids, image_features, image_is_target):
@@ -436,6 +452,14 @@ class ScaleRAE(Qwen2ForCausalLM):
                 conditions[b] = y[i]
         return [(out[b], conditions[b]) for b in range(B)]
 
+    def chat(self, tokenizer, prompts, image_features=None, max_new_tokens=512):
+        """Greedy answers to user prompts (the chat template is applied here); with image_features (N, 256, C),
+        prompt i is about image i (understanding). Returns [(generated ids, DiT condition (256, Z) or None)]."""
+        with_image = image_features is not None
+        ids = [tokenizer.encode_with_image(chat_prompt(p, image=with_image), IMAGE_TOKEN) for p in prompts]
+        return self.generate(ids, stop_ids={tokenizer.chat_end}, image_start_id=tokenizer.image_start,
+                             image_features=image_features, max_new_tokens=max_new_tokens)
+
     @torch.no_grad()
     def sample_latents(self, conditions, seeds, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None):
         """DiT sampling: conditions (N, 256, Z) -> latents (N, 256, C) float32; image i starts from seed seeds[i]."""
@@ -459,3 +483,22 @@ class ScaleRAE(Qwen2ForCausalLM):
         (tmp / "config.json").write_text(json.dumps(self.config.to_official(), indent=2))
         tokenizer.save(tmp)
         tmp.rename(folder)
+
+
+def load_pipeline(path, decoder=None, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer, rae) of a Scale-RAE checkpoint, a Hub id or a local folder.
+
+    The RAE decoder defaults to the one released for the model's encoder (rae.DECODER_FOR_ENCODER). A checkpoint may
+    ship its own parts, as the toy model does: an encoder path relative to its folder, and a `decoder/` subfolder.
+    The encoder itself is loaded only when an image is read (understanding)."""
+    folder = resolve(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    model = ScaleRAE.from_pretrained(folder, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_dir(folder)
+    encoder = model.config.encoder
+    if (folder / encoder).is_dir():
+        encoder = str(folder / encoder)
+    if decoder is None:
+        decoder = str(folder / "decoder") if (folder / "decoder").is_dir() else DECODER_FOR_ENCODER.get(encoder)
+    if decoder is None:
+        raise WeightsError(f"no default RAE decoder for the encoder {encoder!r}; pass a decoder")
+    return model, tokenizer, RAE.from_pretrained(encoder, decoder, dtype=dtype, device=device)

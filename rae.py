@@ -17,7 +17,8 @@ loader uses strict=False and silently ignores mismatches). The decoder's input w
 `hidden_size` field of the decoder's config.json is ignored, as the official code overrides it.
 """
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,12 @@ from PIL import Image
 
 from encoders import ViTAttention, activation, from_dict, load_encoder, named, read_encoder_config
 from weights import WeightsError, load_strict, read_config, resolve
+
+
+DECODER_FOR_ENCODER = {  # the released RAE decoder of each representation encoder
+    "google/siglip2-so400m-patch14-224": "nyu-visionx/siglip2_decoder",
+    "facebook/webssl-dino300m-full2b-224": "nyu-visionx/webssl300m_decoder",
+}
 
 
 @dataclass
@@ -143,6 +150,20 @@ class RAEDecoder(nn.Module):
         mean, std = (images.new_tensor(s).view(1, -1, 1, 1) for s in (self.image_mean, self.image_std))
         return (images - mean) / std
 
+    def save_pretrained(self, folder):
+        """The released layout: a ViT-MAE-style config.json and model.pt (a flat state dict, float32), written into
+        a temporary folder that is renamed at the end; an existing folder is never overwritten."""
+        folder = Path(folder)
+        if folder.exists():
+            raise FileExistsError(f"{folder} exists; save the decoder to a new folder")
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True)
+        torch.save({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / "model.pt")
+        config = dict(model_type="vit_mae", architectures=["GeneralDecoder"], hidden_size=self.decoder_embed.in_features,
+                      **asdict(self.config))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tmp.rename(folder)
+
     def forward(self, latents):  # (B, N, C) -> (B, 3, H, W) pixels, ~[0, 1], in float32 like the official output
         x = self.unpatchify(self.predict_patches(latents)).float()
         mean, std = (x.new_tensor(s).view(1, -1, 1, 1) for s in (self.image_mean, self.image_std))
@@ -172,8 +193,10 @@ class RAE:
     """A frozen encoder paired with its pixel decoder. The encoder is loaded on first use: sampling needs only the
     decoder, whose input width and de-normalization come from the encoder's JSON files."""
 
-    def __init__(self, decoder: RAEDecoder, encoder=None, encoder_path=None, dtype=torch.float32, device="cpu"):
+    def __init__(self, decoder: RAEDecoder, encoder=None, encoder_path=None, dtype=torch.float32, device="cpu",
+                 decoder_path=None):
         self.decoder, self._encoder = decoder, encoder
+        self.encoder_path, self.decoder_path = encoder_path, decoder_path  # where they came from, for manifests
         self._encoder_args = (encoder_path, dtype, device)
 
     @classmethod
@@ -181,7 +204,7 @@ class RAE:
         _, enc_cfg, processing = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
         decoder = load_decoder(decoder_path, enc_cfg.hidden_size, processing.image_mean, processing.image_std,
                                dtype, device)
-        return cls(decoder, encoder_path=encoder_path, dtype=dtype, device=device)
+        return cls(decoder, encoder_path=encoder_path, dtype=dtype, device=device, decoder_path=decoder_path)
 
     @property
     def encoder(self):

@@ -20,10 +20,6 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = "nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B"
-DECODER_FOR_ENCODER = {  # the RAE decoder trained for each representation encoder
-    "google/siglip2-so400m-patch14-224": "nyu-visionx/siglip2_decoder",
-    "facebook/webssl-dino300m-full2b-224": "nyu-visionx/webssl300m_decoder",
-}
 
 
 def parse_args(argv=None):
@@ -31,8 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="text prompt (request-style works best: 'Can you generate a photo of ...?')")
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL with a 'prompt' field")
     p.add_argument("--model-path", default=DEFAULT_MODEL, help="Hub id or local folder of a Scale-RAE checkpoint")
-    p.add_argument("--decoder-repo", help="Hub id or local folder of the RAE decoder (default: the one for the "
-                                          "model's encoder)")
+    p.add_argument("--decoder-repo", help="Hub id or local folder of the RAE decoder (default: the one released "
+                                          "for the model's encoder, or the checkpoint's own decoder/)")
     p.add_argument("--seed", type=int, default=42, help="image i of the run uses seed + i (default 42, as official)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=float, default=1.0,
@@ -64,16 +60,9 @@ def parse_args(argv=None):
         p.error("--image and --latent are exclusive")
     if (args.image or args.latent) and len(prompts) > 1:
         p.error("--image/--latent take a single --prompt")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
     if args.num_images < 1:
         p.error(f"--num-images must be >= 1, got {args.num_images}")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance_level < 0:
-        p.error(f"--guidance-level must be >= 0, got {args.guidance_level}")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        p.error("--max-new-tokens and --batch-size must be >= 1")
+    check_sampling_args(p, args)
     args.prompts = prompts
     try:
         args.input_image = load_image(args.image) if args.image else None
@@ -81,6 +70,18 @@ def parse_args(argv=None):
     except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     return args
+
+
+def check_sampling_args(p, args):
+    """The checks sample.py and evaluate.py share, made before any model is loaded."""
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance_level < 0:
+        p.error(f"--guidance-level must be >= 0, got {args.guidance_level}")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        p.error("--max-new-tokens and --batch-size must be >= 1")
 
 
 def read_prompts(parser, path):
@@ -127,13 +128,6 @@ def reserve(folder, stem, suffix):
     raise RuntimeError(f"no free file name for {stem}{suffix} in {folder}")
 
 
-def write_atomic(path, write):
-    """Fill a reserved path through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class Progress:
     """A minimal progress bar on stderr, drawn only when stderr is a terminal."""
 
@@ -157,26 +151,17 @@ def main(argv=None):
     from safetensors.torch import save_file
 
     from dit import official_timesteps
-    from model import IMAGE_TOKEN, ScaleRAE
-    from rae import RAE
-    from tokenizer import Tokenizer, chat_prompt
-    from weights import WeightsError, resolve
+    from model import load_pipeline
+    from weights import WeightsError, write_atomic
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    torch.set_grad_enabled(False)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     try:
-        folder = resolve(args.model_path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-        model = ScaleRAE.from_pretrained(folder, dtype=dtype, device=device)
-        tokenizer = Tokenizer.from_dir(folder)
-        decoder = args.decoder_repo or DECODER_FOR_ENCODER.get(model.config.encoder)
-        if decoder is None:
-            raise WeightsError(f"no default RAE decoder for the encoder {model.config.encoder!r}; pass --decoder-repo")
-        rae = RAE.from_pretrained(model.config.encoder, decoder, dtype=dtype, device=device)
+        model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, dtype=dtype, device=device)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"loaded {args.model_path} in {time.perf_counter() - t0:.1f}s ({device}, {str(dtype).split('.')[-1]})")
@@ -195,14 +180,11 @@ def main(argv=None):
                 sys.exit(f"error: {e}")
         elif args.input_latent is not None:
             features = args.input_latent[None].to(device)
-        with_image = features is not None
         for i in range(0, len(args.prompts), args.batch_size):
             chunk = args.prompts[i:i + args.batch_size]
-            ids = [tokenizer.encode_with_image(chat_prompt(p, image=with_image), IMAGE_TOKEN) for p in chunk]
             t1 = time.perf_counter()
-            gen = model.generate(ids, stop_ids={tokenizer.chat_end}, image_start_id=tokenizer.image_start,
-                                 image_features=None if features is None else features.expand(len(chunk), -1, -1),
-                                 max_new_tokens=args.max_new_tokens)
+            gen = model.chat(tokenizer, chunk, None if features is None else features.expand(len(chunk), -1, -1),
+                             max_new_tokens=args.max_new_tokens)
             print(f"LLM: {len(chunk)} prompt(s) in {time.perf_counter() - t1:.2f}s")
             for p, (token_ids, cond) in zip(chunk, gen):
                 results.append(dict(prompt=p, text=tokenizer.decode(token_ids), token_ids=token_ids, cond=cond))
@@ -247,7 +229,7 @@ def main(argv=None):
         "text": results[0]["text"] if single else [r["text"] for r in results],
         "token_ids": results[0]["token_ids"] if single else [r["token_ids"] for r in results],
         "images": images, "latents": latent_paths, "seed": args.seed, "model_path": args.model_path,
-        "decoder_repo": decoder,
+        "decoder_repo": rae.decoder_path, "encoder": rae.encoder_path,
         "guidance_level": args.guidance_level, "cfg_interval": args.cfg_interval,
         "steps": args.steps if args.steps is not None else "official", "dtype": str(dtype).split(".")[-1],
         "device": device, "input_image": args.image, "input_latent": args.latent,

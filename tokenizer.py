@@ -114,20 +114,28 @@ class Tokenizer:
         self.image_start, self.image_end, self.pad = ids[IMAGE_START], ids[IMAGE_END], ids[PAD]
 
     @classmethod
-    def from_dir(cls, folder):
-        """tokenizer.json if present, else the slow-format files (vocab.json + merges.txt + added tokens)."""
+    def from_dir(cls, folder, add_image_markers=False):
+        """tokenizer.json if present, else the slow-format files (vocab.json + merges.txt + added tokens).
+
+        add_image_markers: append <im_start> and <im_end> when the files lack them, as the official
+        initialize_vision_tokenizer does to the Qwen2.5 tokenizer at the start of stage 1 (ids 151665, 151666)."""
         folder = Path(folder)
         if (folder / "tokenizer.json").is_file():
-            return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")))
-        if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+            tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            tok = build_bpe(json.loads((folder / "vocab.json").read_text(encoding="utf-8")),
+                            read_merges(folder / "merges.txt"))
+            # Added tokens go in id order; each keeps its id from the files (they follow the BPE vocabulary).
+            for content, special, idx in _added_tokens(folder):
+                added = AddedToken(content, special=special, normalized=False)
+                (tok.add_special_tokens if special else tok.add_tokens)([added])
+                if tok.token_to_id(content) != idx:
+                    raise ValueError(f"added token {content!r} has id {tok.token_to_id(content)} but the files say {idx}")
+        else:
             raise FileNotFoundError(f"no tokenizer in {folder}: need tokenizer.json, or vocab.json and merges.txt")
-        tok = build_bpe(json.loads((folder / "vocab.json").read_text(encoding="utf-8")), read_merges(folder / "merges.txt"))
-        # Added tokens go in id order; each keeps its id from the files (they follow the BPE vocabulary).
-        for content, special, idx in _added_tokens(folder):
-            added = AddedToken(content, special=special, normalized=False)
-            (tok.add_special_tokens if special else tok.add_tokens)([added])
-            if tok.token_to_id(content) != idx:
-                raise ValueError(f"added token {content!r} has id {tok.token_to_id(content)} but the files say {idx}")
+        if add_image_markers:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (IMAGE_START, IMAGE_END)
+                                    if tok.token_to_id(t) is None])
         return cls(tok)
 
     def __len__(self):

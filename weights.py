@@ -92,13 +92,23 @@ def read_safetensors(folder, prefix="", keep=None):
     return out
 
 
-def save_safetensors(state_dict, path, metadata=None):
-    """Write a state dict as safetensors atomically (temporary name, then rename)."""
-    from safetensors.torch import save_file
+def write_atomic(path, write):
+    """Write a file through a temporary name and a rename, so a crash never leaves half a file. `write(tmp_path)`
+    writes the content; `write` may also be bytes."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+    if isinstance(write, bytes):
+        tmp.write_bytes(write)
+    else:
+        write(tmp)
     tmp.replace(path)
+
+
+def save_safetensors(state_dict, path, metadata=None):
+    """Write a state dict as safetensors, atomically."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_strict(module: nn.Module, state_dict, what, dtype=None):

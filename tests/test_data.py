@@ -333,3 +333,14 @@ def test_writing_is_deterministic(tmp_path):
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert json.loads(a["wds"].read_text())["tars"] == [f"shards/shard_0000{i}.tar" for i in range(3)]
     assert json.loads(a["jsonl"].read_text().splitlines()[0])["image"] == "images/sample_000000.png"
+
+
+def test_images_only_stream_skips_text_only_samples(tmp_path, tok):
+    rows = [dict(conversations=[dict(**{"from": "human"}, value="hi"), dict(**{"from": "gpt"}, value="hello")])]
+    Image.new("RGB", (SIZE, SIZE), (200, 10, 10)).save(tmp_path / "a.png")
+    rows.append(dict(image="a.png", conversations=[dict(**{"from": "human"}, value="<image>\nColor?"),
+                                                     dict(**{"from": "gpt"}, value="red")]))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    stream = data.SampleStream(data.open_source(tmp_path / "d.jsonl"), tok, 400, images_only=True, epochs=1)
+    samples = list(stream)
+    assert len(samples) == 1 and samples[0].image is not None and stream.stats["no_image"] == 1

@@ -243,3 +243,17 @@ def test_bfloat16_decoder_decodes_float32_latents(decoder_dir):
     z = torch.randn(2, 256, ENC_WIDTH)
     out = bf16.decode(z)
     assert out.shape == (2, 3, 224, 224) and (out.float() - fp32.decode(z)).abs().max() < 0.1
+
+
+def test_fresh_decoder_saves_the_released_layout(tmp_path):
+    """A trained decoder (train_tpu.py --stage decoder) is exported as config.json + model.pt and loads back."""
+    torch.manual_seed(0)
+    dec = RAEDecoder(DecoderConfig(48, 2, 4, 64, patch_size=4, image_size=64), ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
+    dec.save_pretrained(tmp_path / "d")
+    with pytest.raises(FileExistsError):
+        dec.save_pretrained(tmp_path / "d")
+    back = load_decoder(tmp_path / "d", ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
+    z = torch.randn(2, 256, ENC_WIDTH)
+    with torch.no_grad():
+        assert torch.equal(back(z), dec(z))
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["model_type"] == "vit_mae"

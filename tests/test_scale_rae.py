@@ -1,6 +1,7 @@
 """The unified model: official key names, config round trip, the embedding splice, the training loss, and the
 KV-cache generation loop against the official full-recompute loop."""
 
+import math
 import re
 from pathlib import Path
 
@@ -224,3 +225,19 @@ def test_bfloat16_checkpoint_keeps_fixed_tables_in_float32(tmp_path, tok):
     assert loaded.diff_head.model.feat_rope.freqs_cos.dtype == torch.float32
     assert torch.equal(loaded.diff_head.model.feat_rope.freqs_sin, model.diff_head.model.feat_rope.freqs_sin)
     assert loaded.model.rotary.inv_freq.dtype == torch.float32
+
+
+def test_fresh_model_uses_the_official_initialization():
+    torch.manual_seed(0)
+    model = ScaleRAE(tiny_config(vocab_size=5000, hidden_size=128, intermediate_size=256))
+    emb = model.model.embed_tokens.weight
+    assert abs(emb.std().item() - 0.02) < 0.002 and model.model.layers[0].self_attn.q_proj.bias.abs().max() == 0
+    assert abs(model.diff_head_projector.weight.std().item() - 0.02) < 0.002
+    w = model.model.mm_projector[0].weight  # PyTorch's default (kaiming-uniform) for the projector, not N(0, 0.02)
+    assert w.abs().max() <= 1 / 32 ** 0.5 and w.std() > 0.1
+    assert abs(model.model.latent_queries.std().item() - 128 ** -0.5) < 0.01
+    # A fresh model's CE is about log(V): no huge logits at the start of training.
+    ids = torch.randint(0, 5000, (2, 20))
+    with torch.no_grad():
+        loss, ce, diff = model.training_loss(ids, ids, torch.zeros(2, 256, 32), torch.zeros(2, dtype=torch.bool))
+    assert abs(ce.item() - math.log(5000)) < 0.5

@@ -114,3 +114,20 @@ def test_saved_slow_files_rebuild_the_same_tokenizer(ours, tmp_path):
 def test_missing_files_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_stage1_adds_the_image_markers_to_a_plain_qwen_tokenizer(tmp_path):
+    """Stage 1 starts from Qwen2.5's tokenizer (22 added tokens) and appends <im_start>, <im_end>: 151665, 151666."""
+    import shutil
+    from helpers import qwen_tokenizer_files
+    src = qwen_tokenizer_files()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(src / name, tmp_path / name)
+    qwen = json.loads((src / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    decoder = {i: t for i, t in qwen.items() if int(i) < 151643 + QWEN_ADDED_TOKENS}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(added_tokens_decoder=decoder)))
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        Tokenizer.from_dir(tmp_path)
+    tok = Tokenizer.from_dir(tmp_path, add_image_markers=True)
+    assert (tok.image_start, tok.image_end, len(tok)) == (151665, 151666, 151667)
+    assert Tokenizer.from_dir(tmp_path, add_image_markers=True).encode("<im_start>") == [151665]
