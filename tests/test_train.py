@@ -47,23 +47,27 @@ XLA_ENV = dict(PJRT_DEVICE="CPU", XLA_FLAGS="--xla_backend_optimization_level=0 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """8 synthetic samples (32 px, generation and understanding mixed), a BPE tokenizer trained on them, and a
-    frozen random tiny SigLIP encoder (32 px in patches of 2 -> 256 tokens of 32 channels)."""
+    """8 synthetic samples (32 px, generation and understanding mixed) for stage 1 and the decoder, 8 other
+    generation samples for stage 2, a BPE tokenizer trained on them, and a frozen random tiny SigLIP encoder
+    (32 px in patches of 2 -> 256 tokens of 32 channels)."""
     root = tmp_path_factory.mktemp("assets")
     jsonl = data.write_shapes_dataset(root / "shapes", 8, seed=0, image_size=32, formats=("jsonl",))["jsonl"]
-    texts = [c["value"] for line in open(jsonl) for c in json.loads(line)["conversations"]]
+    jsonl2 = data.write_shapes_dataset(root / "shapes2", 8, seed=1, image_size=32, understanding_fraction=0.0,
+                                       formats=("jsonl",))["jsonl"]
+    texts = [c["value"] for f in (jsonl, jsonl2) for line in open(f) for c in json.loads(line)["conversations"]]
     (root / "tokenizer").mkdir()
     train_tokenizer(texts + [chat_prompt("")], 350).save(root / "tokenizer")
     torch.manual_seed(0)
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                              image_size=32, patch_size=2)
     SigLIP2Encoder(cfg, ImageProcessing((32, 32), (0.5,) * 3, (0.5,) * 3, resample=2)).save_pretrained(root / "encoder")
-    return dict(data=str(jsonl), tokenizer=str(root / "tokenizer"), encoder=str(root / "encoder"))
+    return dict(data=str(jsonl), data2=str(jsonl2), tokenizer=str(root / "tokenizer"), encoder=str(root / "encoder"))
 
 
 def command(assets, out, stage="1", steps=6, *extra):
-    args = ["--stage", stage, "--out", str(out), "--steps", str(steps), "--data", assets["data"], "--encoder",
+    args = ["--stage", stage, "--out", str(out), "--steps", str(steps), "--encoder",
             assets["encoder"], "--batch-size", "8", "--seq-len", str(SEQ_LEN), "--log-every", "1"]
+    args += ["--data", assets["data2"] if stage == "2" else assets["data"]]
     if stage == "1":
         args += ["--llm", "tiny", "--dit", "tiny", "--tokenizer", assets["tokenizer"]]
     if stage == "decoder":
@@ -113,7 +117,7 @@ def mean(values):
 @pytest.fixture(scope="module")
 def stage1(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "stage1"
-    train(assets, out, "1", 200, "--lr", "1e-3", "--save-every", "100")
+    train(assets, out, "1", 200, "--lr", "3e-3", "--save-every", "100")
     return out
 
 
@@ -121,17 +125,17 @@ def test_stage1_overfits_and_exports(stage1):
     ce, diff = losses(stage1, "ce"), losses(stage1, "diff")
     assert mean(ce[s] for s in range(181, 201)) < 0.1 * mean(ce[s] for s in range(1, 21))
     # The DiT's rectified-flow loss has an irreducible noise part; memorizing 8 latents still lowers it clearly.
-    assert mean(diff[s] for s in range(151, 201)) < 0.85 * mean(diff[s] for s in range(1, 51))
+    assert mean(diff[s] for s in range(151, 201)) < 0.7 * mean(diff[s] for s in range(1, 51))
     from model import ScaleRAE
     model = ScaleRAE.from_pretrained(stage1 / "export")
     assert model.config.vocab_size == len(Tokenizer.from_dir(stage1 / "export"))
     assert sorted(p.name for p in stage1.glob("ckpt-*")) == ["ckpt-100", "ckpt-200"]
 
 
-def test_stage2_continues_from_the_stage1_export(assets, stage1, tmp_path):
-    train(assets, tmp_path / "stage2", "2", 60, "--init", stage1 / "export", "--lr", "1e-3")
+def test_stage2_overfits_new_images_from_the_stage1_export(assets, stage1, tmp_path):
+    train(assets, tmp_path / "stage2", "2", 100, "--init", stage1 / "export", "--lr", "3e-3")
     loss = losses(tmp_path / "stage2")
-    assert mean(loss[s] for s in range(41, 61)) < 0.9 * mean(loss[s] for s in range(1, 21))
+    assert mean(loss[s] for s in range(81, 101)) < 0.7 * mean(loss[s] for s in range(1, 21))
 
 
 def test_decoder_stage_reduces_reconstruction_error(assets, tmp_path):
@@ -164,11 +168,11 @@ def test_killed_run_resumes_to_the_same_losses(assets, tmp_path):
 
 
 def test_existing_run_is_never_overwritten(assets, stage1):
-    run = train(assets, stage1, "1", 200, "--lr", "1e-3", "--save-every", "100", check=False)
+    run = train(assets, stage1, "1", 200, "--lr", "3e-3", "--save-every", "100", check=False)
     assert run.returncode != 0 and "--resume" in run.stderr
-    run = train(assets, stage1, "1", 200, "--lr", "2e-3", "--save-every", "100", "--resume", check=False)
+    run = train(assets, stage1, "1", 200, "--lr", "1e-3", "--save-every", "100", "--resume", check=False)
     assert run.returncode != 0 and "other arguments" in run.stderr
-    run = train(assets, stage1, "1", 200, "--lr", "1e-3", "--save-every", "100", "--resume")
+    run = train(assets, stage1, "1", 200, "--lr", "3e-3", "--save-every", "100", "--resume")
     assert "nothing to do" in run.stdout
 
 
@@ -186,54 +190,80 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
 
 # ---- torch_xla SPMD on CPU devices ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+class Background:
+    """Runs started now and waited for when a test needs them: XLA compiles on one core while the plain-PyTorch
+    tests use the other."""
+
+    def __init__(self, root, procs):
+        self.root, self.procs, self.done = root, procs, False
+
+    def wait(self):
+        if not self.done:
+            for proc in self.procs:
+                finish(proc)
+            self.done = True
+        return self.root
+
+
+@pytest.fixture(scope="module", autouse=True)
 def spmd(assets, tmp_path_factory):
-    """The same 6 steps on 8 devices (FSDP-sharded parameters, batch over 8) and on 1 device; checkpoints at 3, 6.
-    Both run at once (XLA compiles on one core)."""
+    """The same 6 steps on 8 devices (FSDP-sharded parameters, batch over 8) and on 1 device, checkpoints at 3 and
+    6; started before the first test of this file."""
+    if not HAS_XLA:
+        yield None
+        return
     root = tmp_path_factory.mktemp("spmd")
-    runs = [start(assets, root / f"devices{n}", "1", 6, "--save-every", "3", devices=n)
-            for n in (8, 1)]
-    for run in runs:
-        finish(run)
-    return root
+    runs = Background(root, [start(assets, root / f"devices{n}", "1", 6, "--save-every", "3", devices=n)
+                             for n in (8, 1)])
+    yield runs
+    for proc in runs.procs:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def spmd_more(assets, spmd):
+    """From the 8-device run, at once: a resume after its last checkpoint is cut short (as by a crash during a save
+    or a bad copy), stage 2 from its export, and the decoder stage."""
+    root = spmd.wait()
+    out = root / "resumed"
+    shutil.copytree(root / "devices8", out)
+    shutil.rmtree(out / "export")
+    shard = next((out / "ckpt-6").glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    runs = [start(assets, out, "1", 6, "--save-every", "3", "--resume", devices=8),
+            start(assets, root / "stage2", "2", 2, "--init", root / "devices8" / "export", devices=8),
+            start(assets, root / "decoder", "decoder", 2, devices=8)]
+    return root, [finish(run) for run in runs]
 
 
 @needs_xla
 def test_sharded_step_equals_single_device_and_compiles_once(spmd):
-    sharded, single = (json.loads((spmd / f"devices{n}" / "log.jsonl").read_text().splitlines()[-1]) for n in (8, 1))
-    for step in range(1, 7):
-        for key in ("loss", "ce", "diff", "grad_norm"):
-            a, b = losses(spmd / "devices8", key)[step], losses(spmd / "devices1", key)[step]
-            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (step, key, a, b)
-    compiles = losses(spmd / "devices8", "compiles")
+    root = spmd.wait()
+    for key in ("loss", "ce", "diff", "grad_norm"):
+        sharded, single = losses(root / "devices8", key), losses(root / "devices1", key)
+        assert set(sharded) == set(single) == set(range(1, 7))
+        for step in range(1, 7):
+            assert abs(sharded[step] - single[step]) <= 1e-5 * max(1.0, abs(single[step])), (step, key)
+    compiles = losses(root / "devices8", "compiles")
     assert compiles[2] == compiles[6], compiles  # step 1 has its own graph, then one (checkpointing included)
-    assert sharded["step"] == single["step"] == 6
 
 
 @needs_xla
-def test_truncated_checkpoint_is_skipped_and_resume_is_exact(assets, spmd, tmp_path):
-    out = tmp_path / "resumed"
-    shutil.copytree(spmd / "devices8", out)
-    shutil.rmtree(out / "export")
-    shard = next((out / "ckpt-6").glob("*.distcp"))
-    with open(shard, "r+b") as f:  # a save cut short by a crash (or a bad copy)
-        f.truncate(shard.stat().st_size // 2)
-    run = train(assets, out, "1", 6, "--save-every", "3", "--resume", devices=8)
+def test_truncated_checkpoint_is_skipped_and_resume_is_exact(spmd_more):
+    root, (run, _, _) = spmd_more
     assert "skipping checkpoint" in run.stdout and "ckpt-6" in run.stdout
     assert "resumed from" in run.stdout and "at step 3" in run.stdout
-    ref, got = losses(spmd / "devices8"), losses(out)
+    ref, got = losses(root / "devices8"), losses(root / "resumed")
     for step in (4, 5, 6):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
     from model import ScaleRAE
-    ScaleRAE.from_pretrained(out / "export")
+    ScaleRAE.from_pretrained(root / "resumed" / "export")
 
 
 @needs_xla
-def test_stage2_and_decoder_run_on_spmd(assets, spmd, tmp_path):
-    runs = [start(assets, tmp_path / "stage2", "2", 2, "--init", spmd / "devices8" / "export",
-                  devices=8),
-            start(assets, tmp_path / "decoder", "decoder", 2, devices=8)]
-    for run in runs:
-        finish(run)
-    assert (tmp_path / "stage2" / "export" / "model.safetensors").is_file()
-    assert (tmp_path / "decoder" / "export" / "model.pt").is_file()
+def test_stage2_and_decoder_run_on_spmd(spmd_more):
+    root, _ = spmd_more
+    assert sorted(losses(root / "stage2")) == sorted(losses(root / "decoder")) == [1, 2]
+    assert (root / "stage2" / "export" / "model.safetensors").is_file()
+    assert (root / "decoder" / "export" / "model.pt").is_file()
