@@ -42,6 +42,7 @@ every file's size, written last), and export/ at the end: the official on-disk f
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -74,7 +75,7 @@ STAGE_DEFAULTS = {  # official values (training notes §6.1, items 12-16); the d
     "decoder": dict(lr=2e-4, warmup_ratio=1 / 16, seq_len=512, log_every=100),
 }
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--stage", required=True, choices=["1", "2", "decoder"])
 parser.add_argument("--preset", choices=["toy"], help="the toy LLM, DiT and decoder presets (with a toy --encoder "
                     "and --tokenizer, as toy.py writes them)")
@@ -113,16 +114,15 @@ parser.add_argument("--data-parallel", type=int, default=1, help="size of the me
 args = parser.parse_args()
 
 toy = args.preset == "toy"
-args.dit = args.dit or ("toy" if toy else "dit-2.4b")
-args.decoder = args.decoder or ("toy" if toy else "vit-xl")
-if args.stage == "1" and args.init is None:
-    args.llm = args.llm or ("toy" if toy else None)
 for k, v in STAGE_DEFAULTS[args.stage].items():
     setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+args.dit = args.dit or ("toy" if toy else "dit-2.4b")
+args.decoder = args.decoder or ("toy" if toy else "vit-xl")
 if args.stage == "1" and args.init and args.llm:
     parser.error("--stage 1 starts from --init weights or from a random --llm preset, not both")
-if args.stage == "1" and args.llm is None and args.init is None:
-    args.init = "Qwen/Qwen2.5-1.5B-Instruct"
+if args.stage == "1" and not args.init:
+    args.llm = args.llm or ("toy" if toy else None)
+    args.init = None if args.llm else "Qwen/Qwen2.5-1.5B-Instruct"
 if args.stage == "2" and args.init is None:
     parser.error("--stage 2 starts from a stage-1 export: pass --init")
 if args.stage != "2" and args.encoder is None:
@@ -170,10 +170,8 @@ def to_device(batch):
     dim 0 over every device (minibatch=True)."""
     if not USE_XLA:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    keys = list(batch)
-    specs = [xs.ShardingSpec(mesh, (("data", "fsdp"),) + (None,) * (batch[k].dim() - 1), minibatch=True) for k in keys]
-    # One call per spec (ranks differ); send_cpu_data_to_device batches the transfers of a list.
-    return {k: xm.send_cpu_data_to_device([batch[k]], device, spec)[0] for k, spec in zip(keys, specs)}
+    spec = lambda t: xs.ShardingSpec(mesh, (("data", "fsdp"),) + (None,) * (t.dim() - 1), minibatch=True)  # noqa: E731
+    return {k: xm.send_cpu_data_to_device([t], device, spec(t))[0] for k, t in batch.items()}
 
 
 def on_host(fn, *fn_args):
@@ -247,7 +245,8 @@ if args.stage == "1":
     model = ScaleRAE(ScaleRAEConfig(**vars(llm_config), dit=DIT_PRESETS[args.dit], mm_hidden_size=encoder.hidden_size,
                                     encoder=encoder_path, tokenizer_model_max_length=args.seq_len))
     if args.init:  # Qwen2.5's weights; latent queries, projectors and DiT keep their fresh (official) initialization
-        missing, unexpected = model.load_state_dict(Qwen2ForCausalLM.from_pretrained(args.init).state_dict(), strict=False)
+        llm = Qwen2ForCausalLM.from_pretrained(args.init)
+        missing, unexpected = model.load_state_dict(llm.state_dict(), strict=False)
         assert not unexpected and all(k.startswith(("model.latent_queries", "model.mm_projector", "diff_head"))
                                       for k in missing), (missing, unexpected)
         model.resize_token_embeddings(len(tokenizer))  # + <im_start>, <im_end>, mean-initialized rows (official)
@@ -287,11 +286,12 @@ n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 log(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, encoder {encoder_path} (frozen), "
     f"{'torch_xla SPMD on ' + str(n_devices) + ' devices, ' + str(world) + ' host(s)' if USE_XLA else device}")
 
-if not args.no_grad_ckpt:  # recompute each LLM layer / DiT block in the backward pass
+if not args.no_grad_ckpt:  # recompute each LLM layer / DiT block in the backward pass (torch_xla's adds barriers)
     if USE_XLA:
         from torch_xla.utils.checkpoint import checkpoint as checkpoint_fn
     else:
-        from torch.utils.checkpoint import checkpoint as checkpoint_fn
+        from torch.utils.checkpoint import checkpoint
+        checkpoint_fn = functools.partial(checkpoint, use_reentrant=False)
     model.checkpoint_layers = checkpoint_fn
 
 if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/xla#3811); before the optimizer
@@ -311,7 +311,8 @@ optimizer = torch.optim.AdamW(groups, eps=1e-8, weight_decay=0.0)
 for p in (p for g in groups for p in g["params"]):
     # AdamW's state as its first step would create it, made now (sharded like its parameter): every step then
     # runs the same graph, and a checkpoint has tensors to be restored into.
-    state = optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    state = optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                      exp_avg_sq=torch.zeros_like(p))
     if USE_XLA:
         for t in (state["exp_avg"], state["exp_avg_sq"]):
             xs.mark_sharding(t, mesh, fsdp_spec(p))
@@ -329,19 +330,19 @@ def lr_factor(step):
 
 
 def flops_per_sample():
-    """Model FLOPs of one training sample (forward x 3 for forward + backward; the frozen encoder forward only),
-    counting matmuls and attention products, for the MFU."""
-    enc = 2 * sum(p.numel() for p in encoder.parameters()) * encoder.num_tokens
+    """Training FLOPs of one sample, for the MFU: 3 x forward (the backward is 2 x forward) of the trained model,
+    matmuls (2 x parameters x tokens) and attention scores, plus the frozen encoder's forward."""
+    flops = 2 * sum(p.numel() for p in encoder.parameters()) * encoder.num_tokens
+    c = model.config
     if args.stage == "decoder":
-        c = model.config
-        layer = 4 * c.decoder_hidden_size ** 2 + 2 * c.decoder_hidden_size * c.decoder_intermediate_size
-        T = encoder.num_tokens + 1
-        fwd = 2 * T * (c.decoder_num_hidden_layers * layer + c.decoder_hidden_size * (encoder.hidden_size + 3 * c.patch_size ** 2))
-        return enc + 3 * (fwd + 4 * c.decoder_num_hidden_layers * T * T * c.decoder_hidden_size)
-    c, L = model.config, args.seq_len
-    llm = sum(p.numel() for p in model.model.layers.parameters()) + c.vocab_size * c.hidden_size  # + LM head
-    fwd = 2 * L * llm + 4 * c.num_hidden_layers * L * L * c.hidden_size + dit_flops(c.dit)
-    return enc + 3 * fwd
+        T = encoder.num_tokens + 1  # + the cls token
+        fwd = 2 * sum(p.numel() for p in model.parameters()) * T
+        fwd += 4 * c.decoder_num_hidden_layers * T * T * c.decoder_hidden_size
+    else:
+        L = args.seq_len  # LLM layers, the LM head (tied to the embedding) and attention, then the DiT
+        fwd = 2 * L * (sum(p.numel() for p in model.model.layers.parameters()) + c.vocab_size * c.hidden_size)
+        fwd += 4 * c.num_hidden_layers * L * L * c.hidden_size + dit_flops(c.dit)
+    return flops + 3 * fwd
 
 
 def train_step(batch):
@@ -396,10 +397,7 @@ def save_checkpoint(step):
     barrier()
     if rank == 0:  # manifest last: a folder without one, or with a file of another size, is not a checkpoint
         sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(dict(step=step, files=sizes), f)
-            f.flush()
-            os.fsync(f.fileno())
+        (tmp / "manifest.json").write_text(json.dumps(dict(step=step, files=sizes)))
         shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
         tmp.rename(final)
         for old in checkpoints()[:-args.keep]:
@@ -499,7 +497,7 @@ for step in range(start + 1, args.steps + 1):
     if meter["halt"] is not None:
         last = checkpoints()[-1].name if checkpoints() else "none"
         raise SystemExit(f"non-finite loss or gradient norm by step {meter['halt']}: stopping. The last good "
-                         f"checkpoint ({out / last}) is untouched; resume from it with a lower --lr or other data.")
+                         f"checkpoint ({out / last}) is untouched.")
     if step % args.save_every == 0 or step == args.steps:
         save_checkpoint(step)
         log(f"saved {out / f'ckpt-{step}'}")

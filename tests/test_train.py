@@ -42,7 +42,8 @@ sys.argv = ["train_tpu.py"] + sys.argv[1:]
 runpy.run_path("train_tpu.py", run_name="__main__")
 """
 # LLVM's optimization passes dominate XLA's CPU compile time; without them a tiny step compiles ~5x faster.
-XLA_ENV = dict(PJRT_DEVICE="CPU", XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+XLA_ENV = dict(PJRT_DEVICE="CPU",
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 
 @pytest.fixture(scope="module")
