@@ -263,13 +263,15 @@ class SampleStream:
 
     max_len: the fixed sequence length L (official model_max_length). buffer_size: records shuffled together.
     epochs: stop after this many (None: never stop). images_only: skip text-only samples (the decoder stage reads
-    only the images). `stats` counts records read, samples used, and skips by reason.
+    only the images; with tokenizer None, samples carry no tokens). `stats` counts records read, samples used, and skips by reason.
     """
 
     def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
                  epochs=None, image_tokens=IMAGE_TOKENS, images_only=False):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, world={world})")
+        if tokenizer is None and not images_only:
+            raise ValueError("a SampleStream without a tokenizer can only read images (images_only=True)")
         if source.num_shards < world:
             raise ValueError(f"{source.num_shards} shard(s) cannot feed {world} hosts: write at least one per host")
         self.source, self.tokenizer, self.max_len, self.image_tokens = source, tokenizer, max_len, image_tokens
@@ -324,8 +326,11 @@ class SampleStream:
                 raise Skip("too_many_images", f"{len(images)} images (max 1 per sample)")
             if self.images_only and not images:
                 raise Skip("no_image", "text-only sample in an images-only stream")
-            ids, labels, is_target = encode_conversation(self.tokenizer, record["conversations"], bool(images),
-                                                         self.max_len, self.image_tokens)
+            if self.tokenizer is None:  # an images-only stream (the decoder stage) reads no text
+                ids, labels, is_target = None, None, False
+            else:
+                ids, labels, is_target = encode_conversation(self.tokenizer, record["conversations"], bool(images),
+                                                             self.max_len, self.image_tokens)
             image = None
             if images:
                 if images[0] is None:
@@ -341,6 +346,8 @@ class SampleStream:
                 log.warning("skipped sample %s (%s; %d so far)", record["key"], e, n)
             return None
         self.stats["used"] += 1
+        if ids is None:
+            return Sample(None, None, image, is_target, record["key"], record["metadata"])
         input_ids, labels = pad_to(ids, labels, self.max_len, self.tokenizer.pad)
         return Sample(input_ids, labels, image, is_target, record["key"], record["metadata"])
 
@@ -378,11 +385,13 @@ def collate(samples, preprocess, image_size=224):
         pixel_values[has_image] = pixels
     else:
         pixel_values = pixels
-    return dict(input_ids=torch.stack([s.input_ids for s in samples]),  # (B, L)
-                labels=torch.stack([s.labels for s in samples]),        # (B, L)
-                pixel_values=pixel_values,                              # (B, 3, S, S)
-                has_image=has_image,                                    # (B,)
-                image_is_target=torch.tensor([s.image_is_target for s in samples]))
+    batch = dict(pixel_values=pixel_values,                            # (B, 3, S, S)
+                 has_image=has_image,                                  # (B,)
+                 image_is_target=torch.tensor([s.image_is_target for s in samples]))
+    if samples[0].input_ids is not None:  # an images-only stream without a tokenizer has no tokens
+        batch.update(input_ids=torch.stack([s.input_ids for s in samples]),  # (B, L)
+                     labels=torch.stack([s.labels for s in samples]))        # (B, L)
+    return batch
 
 
 def batches(stream, batch_size, preprocess, image_size=224):

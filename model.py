@@ -226,6 +226,24 @@ class Qwen2ForCausalLM(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 m.bias.zero_()
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, n, new_tokens=2):
+        """Resize the vocabulary to n rows (Qwen2.5 checkpoints pad theirs to 151936) and set the last `new_tokens`
+        rows to the mean of the rows before them, as the official initialize_vision_tokenizer does for <im_start>
+        and <im_end> at the start of stage 1. The untied lm_head gets the same treatment."""
+        def resized(weight):
+            out = weight.new_zeros(n, weight.shape[1])
+            keep = min(n, weight.shape[0])
+            out[:keep] = weight[:keep]
+            out[n - new_tokens:] = out[:n - new_tokens].mean(0)
+            return nn.Parameter(out)
+        self.model.embed_tokens.weight = resized(self.model.embed_tokens.weight)
+        self.model.embed_tokens.num_embeddings = n
+        if not self.config.tie_word_embeddings:
+            self.lm_head.weight = resized(self.lm_head.weight)
+            self.lm_head.out_features = n
+        self.config.vocab_size = n
+
     @property
     def lm_head_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight

@@ -344,3 +344,10 @@ def test_images_only_stream_skips_text_only_samples(tmp_path, tok):
     stream = data.SampleStream(data.open_source(tmp_path / "d.jsonl"), tok, 400, images_only=True, epochs=1)
     samples = list(stream)
     assert len(samples) == 1 and samples[0].image is not None and stream.stats["no_image"] == 1
+    # Without a tokenizer (the decoder stage), samples and batches carry only the images.
+    with pytest.raises(ValueError, match="images_only"):
+        data.SampleStream(data.open_source(tmp_path / "d.jsonl"), None, 400)
+    stream = data.SampleStream(data.open_source(tmp_path / "d.jsonl"), None, 400, images_only=True, epochs=1)
+    [s] = list(stream)
+    batch = data.collate([s], lambda ims: torch.zeros(len(ims), 3, SIZE, SIZE), image_size=SIZE)
+    assert s.input_ids is None and set(batch) == {"pixel_values", "has_image", "image_is_target"}

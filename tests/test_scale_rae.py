@@ -241,3 +241,18 @@ def test_fresh_model_uses_the_official_initialization():
     with torch.no_grad():
         loss, ce, diff = model.training_loss(ids, ids, torch.zeros(2, 256, 32), torch.zeros(2, dtype=torch.bool))
     assert abs(ce.item() - math.log(5000)) < 0.5
+
+
+def test_resize_token_embeddings_mean_initializes_the_new_rows():
+    """Stage 1 from Qwen2.5: 151936 padded rows -> len(tokenizer); <im_start>, <im_end> = mean of the old rows."""
+    for tie in (True, False):
+        model = tiny_model(vocab_size=300, tie_word_embeddings=tie)
+        old = model.model.embed_tokens.weight.detach().clone()
+        model.resize_token_embeddings(290)
+        emb = model.model.embed_tokens.weight
+        assert emb.shape == (290, 64) and model.config.vocab_size == 290 and emb.requires_grad
+        assert torch.equal(emb[:288], old[:288]) and torch.allclose(emb[288], old[:288].mean(0))
+        assert torch.equal(emb[288], emb[289]) and model.lm_head_weight.shape == (290, 64)
+        ids = torch.randint(0, 290, (1, 8))
+        with torch.no_grad():
+            assert model.logits(model(ids)).shape == (1, 8, 290)

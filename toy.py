@@ -1,0 +1,116 @@
+"""The toy Scale-RAE (issue 7): every stage of the real recipe, at a size that trains on 2 CPU cores in minutes.
+
+    python toy.py --out runs/toy                  # build, train (decoder, stage 1, stage 2) and evaluate
+    python toy.py --out runs/toy --ship toy       # ... then copy the trained model into the repository's toy/
+
+Same code paths as the real model, only sizes differ (the `toy` presets of model.py, dit.py, rae.py, encoders.py):
+  1. data       synthetic captioned shapes (data.py) at 64 px in the official JSONL format: generation samples
+                ("Can you generate ...?" -> "Here you go:\\n<image>") mixed with understanding samples (image +
+                question -> one word), as stage 1 mixes both tasks. The (color, shape) pairs of data.TOY_HOLDOUT are
+                never shown, so the evaluation can measure compositional generalization.
+  2. tokenizer  a byte-level BPE trained on the captions (tokenizer.train_tokenizer), with the real special tokens
+  3. encoder    the frozen representation encoder: a SigLIP-architecture ViT (64 px, patches of 4 -> the same
+                16 x 16 = 256 tokens), left at its random initialization. A random ViT keeps the pixels recoverable
+                (the decoder learns to invert it) and gives a fixed latent space for the DiT; no pre-training needed.
+  4. decoder    train_tpu.py --stage decoder: the RAE pixel decoder on the frozen latents
+  5. stage 1    train_tpu.py --stage 1: LLM + latent queries + projectors + DiT from scratch, CE + 2 x diffusion loss
+  6. stage 2    train_tpu.py --stage 2: finetuning from the stage-1 export on a generation-only set
+  7. evaluate   evaluate.py: attribute accuracy of generated images on held-out prompts, understanding accuracy
+Each train_tpu.py stage also runs through torch_xla's CPU runtime: pass --xla (slower on 2 cores).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder
+from tokenizer import chat_prompt, train_tokenizer
+
+ROOT = Path(__file__).parent
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--out", required=True, help="run folder (created; an existing one is refused)")
+parser.add_argument("--ship", help="copy the final model (model, tokenizer, encoder/, decoder/) into this folder")
+parser.add_argument("--samples", type=int, default=20000, help="stage-1 samples (half generation, half understanding)")
+parser.add_argument("--stage2-samples", type=int, default=4000, help="stage-2 samples (generation only)")
+parser.add_argument("--vocab", type=int, default=400, help="toy tokenizer size")
+parser.add_argument("--decoder-steps", type=int, default=600)
+parser.add_argument("--stage1-steps", type=int, default=1200)
+parser.add_argument("--stage2-steps", type=int, default=300)
+parser.add_argument("--batch-size", type=int, default=32)
+parser.add_argument("--seq-len", type=int, default=360, help="fits the longest toy sample (prompt + 258 image slots)")
+parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every part (from scratch, the official "
+                    "10x higher DiT rate is not needed)")
+parser.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts (and questions) to evaluate")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--xla", action="store_true", help="train through torch_xla's CPU runtime (8 virtual devices)")
+args = parser.parse_args()
+
+out = Path(args.out)
+if out.exists():
+    parser.error(f"{out} exists; choose a new --out")
+if args.ship and Path(args.ship).exists():
+    parser.error(f"--ship {args.ship} exists; remove it first (the shipped model is never silently overwritten)")
+out.mkdir(parents=True)
+t0 = time.time()
+
+
+def train(stage, run, *extra):
+    """One train_tpu.py stage, in a subprocess (as a user would run it)."""
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="8") if args.xla else dict(os.environ)
+    cmd = [sys.executable, str(ROOT / "train_tpu.py"), "--preset", "toy", "--stage", stage, "--out", str(out / run),
+           "--backend", "xla" if args.xla else "torch", "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+           "--save-every", "100000", "--no-grad-ckpt", *map(str, extra)]  # toy activations are small
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, env=env, check=True)
+    print(f"  {stage} done at {time.time() - t0:.0f}s", flush=True)
+    return out / run / "export"
+
+
+# 1. data
+paths = data.write_shapes_dataset(out / "shapes", args.samples, seed=args.seed, image_size=64,
+                                  holdout=data.TOY_HOLDOUT, formats=("jsonl",))
+paths2 = data.write_shapes_dataset(out / "shapes2", args.stage2_samples, seed=args.seed + 1, image_size=64,
+                                   understanding_fraction=0.0, holdout=data.TOY_HOLDOUT, formats=("jsonl",))
+# 2. tokenizer
+texts = [c["value"] for line in open(paths["jsonl"]) for c in json.loads(line)["conversations"]]
+tokenizer = train_tokenizer(texts + [chat_prompt("")], args.vocab)
+(out / "tokenizer").mkdir()
+tokenizer.save(out / "tokenizer")
+# 3. encoder: random, frozen
+torch.manual_seed(args.seed)
+encoder = SigLIP2Encoder(ENCODER_PRESETS["toy"], ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2))
+encoder.save_pretrained(out / "encoder")
+print(f"data, tokenizer ({len(tokenizer)} tokens) and encoder ready at {time.time() - t0:.0f}s", flush=True)
+
+common = ["--encoder", str(out / "encoder"), "--seq-len", str(args.seq_len), "--log-every", "50"]
+# 4-6. the three training stages
+decoder = train("decoder", "decoder", "--data", paths["jsonl"], "--steps", str(args.decoder_steps),
+                "--lr", str(args.lr), *common)
+stage1 = train("1", "stage1", "--data", paths["jsonl"], "--steps", str(args.stage1_steps), "--lr", str(args.lr),
+               "--diff-head-lr-scale", "1", "--tokenizer", str(out / "tokenizer"), *common)
+stage2 = train("2", "stage2", "--init", str(stage1), "--data", paths2["jsonl"], "--steps", str(args.stage2_steps),
+               "--lr", str(args.lr / 4), "--diff-head-lr-scale", "1", *common)
+# 7. evaluate
+subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model-path", str(stage2), "--decoder-repo", str(decoder),
+                "--num-prompts", str(args.eval_prompts), "--json", str(out / "eval.json"), "--grid", str(out / "grid.png")],
+               check=True)
+print(f"toy recipe done in {time.time() - t0:.0f}s", flush=True)
+
+if args.ship:
+    ship = Path(args.ship)
+    shutil.copytree(stage2, ship)
+    shutil.copytree(out / "encoder", ship / "encoder")
+    shutil.copytree(decoder, ship / "decoder")
+    cfg = json.loads((ship / "config.json").read_text())
+    cfg["mm_vision_tower_aux_list"] = ["encoder"]  # relative to the model folder: the checkpoint ships its encoder
+    (ship / "config.json").write_text(json.dumps(cfg, indent=2))
+    print(f"shipped to {ship}")
