@@ -234,7 +234,7 @@ if args.stage == "2":
     model = ScaleRAE.from_pretrained(args.init).train()
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.init)
     encoder_path = encoder_path or model.config.encoder
-encoder = load_encoder(encoder_path, device=device)  # frozen: eval mode, requires_grad False, replicated on devices
+encoder = load_encoder(encoder_path)  # frozen: eval mode, requires_grad False; replicated over the devices
 
 if args.stage == "1":
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.init, add_image_markers=True)
@@ -297,7 +297,9 @@ if not args.no_grad_ckpt:  # recompute each LLM layer / DiT block in the backwar
 if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/xla#3811); before the optimizer
     from torch_xla.distributed.spmd.xla_sharding import apply_xla_patch_to_nn_linear
     apply_xla_patch_to_nn_linear(model)
+    apply_xla_patch_to_nn_linear(encoder)
 model.to(device)
+encoder.to(device)
 if USE_XLA:
     for p in model.parameters():
         xs.mark_sharding(p, mesh, fsdp_spec(p))

@@ -150,22 +150,23 @@ def test_decoder_stage_reduces_reconstruction_error(assets, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_losses(assets, tmp_path):
-    train(assets, tmp_path / "reference", "1", 30, "--save-every", "5")
+    train(assets, tmp_path / "reference", "1", 30, "--save-every", "5", "--keep", "2")
     out = tmp_path / "killed"
-    proc = start(assets, out, "1", 30, "--save-every", "5")
+    proc = start(assets, out, "1", 30, "--save-every", "5", "--keep", "2")
     deadline = time.time() + 300
     while not (out / "ckpt-10").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # wherever it is: between steps, or in the middle of writing a checkpoint
     finish(proc, check=False)
     assert not (out / "export").exists(), "the run finished before it could be killed"
-    run = train(assets, out, "1", 30, "--save-every", "5", "--resume")
+    run = train(assets, out, "1", 30, "--save-every", "5", "--keep", "2", "--resume")
     resumed = int(run.stdout.split("resumed from")[1].split("at step ")[1].split()[0])
     assert resumed >= 10
     ref, got = losses(tmp_path / "reference"), losses(out)
     assert set(got) == set(range(1, 31))
     for step in range(resumed + 1, 31):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-25", "ckpt-30"]  # the last --keep
 
 
 def test_existing_run_is_never_overwritten(assets, stage1):
