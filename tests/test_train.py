@@ -48,11 +48,12 @@ XLA_ENV = dict(PJRT_DEVICE="CPU",
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """8 synthetic samples (32 px, generation and understanding mixed) for stage 1 and the decoder, 8 other
-    generation samples for stage 2, a BPE tokenizer trained on them, and a frozen random tiny SigLIP encoder
-    (32 px in patches of 2 -> 256 tokens of 32 channels)."""
+    """8 synthetic samples (32 px, generation and understanding mixed; JSONL for stage 1, WebDataset tars for the
+    decoder), 8 other generation samples for stage 2, a BPE tokenizer trained on them, and a frozen random tiny
+    SigLIP encoder (32 px in patches of 2 -> 256 tokens of 32 channels)."""
     root = tmp_path_factory.mktemp("assets")
-    jsonl = data.write_shapes_dataset(root / "shapes", 8, seed=0, image_size=32, formats=("jsonl",))["jsonl"]
+    paths = data.write_shapes_dataset(root / "shapes", 8, seed=0, image_size=32, samples_per_tar=4)
+    jsonl = paths["jsonl"]
     jsonl2 = data.write_shapes_dataset(root / "shapes2", 8, seed=1, image_size=32, understanding_fraction=0.0,
                                        formats=("jsonl",))["jsonl"]
     texts = [c["value"] for f in (jsonl, jsonl2) for line in open(f) for c in json.loads(line)["conversations"]]
@@ -62,13 +63,14 @@ def assets(tmp_path_factory):
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                              image_size=32, patch_size=2)
     SigLIP2Encoder(cfg, ImageProcessing((32, 32), (0.5,) * 3, (0.5,) * 3, resample=2)).save_pretrained(root / "encoder")
-    return dict(data=str(jsonl), data2=str(jsonl2), tokenizer=str(root / "tokenizer"), encoder=str(root / "encoder"))
+    return dict(data=str(jsonl), wds=str(paths["wds"]), data2=str(jsonl2), tokenizer=str(root / "tokenizer"),
+                encoder=str(root / "encoder"))
 
 
 def command(assets, out, stage="1", steps=6, *extra):
     args = ["--stage", stage, "--out", str(out), "--steps", str(steps), "--encoder",
             assets["encoder"], "--batch-size", "8", "--seq-len", str(SEQ_LEN), "--log-every", "1"]
-    args += ["--data", assets["data2"] if stage == "2" else assets["data"]]
+    args += ["--data", {"1": assets["data"], "2": assets["data2"], "decoder": assets["wds"]}[stage]]
     if stage == "1":
         args += ["--llm", "tiny", "--dit", "tiny", "--tokenizer", assets["tokenizer"]]
     if stage == "decoder":
@@ -139,7 +141,7 @@ def test_stage2_overfits_new_images_from_the_stage1_export(assets, stage1, tmp_p
     assert mean(loss[s] for s in range(81, 101)) < 0.7 * mean(loss[s] for s in range(1, 21))
 
 
-def test_decoder_stage_reduces_reconstruction_error(assets, tmp_path):
+def test_decoder_stage_reduces_reconstruction_error(assets, tmp_path):  # reads the WebDataset tars
     train(assets, tmp_path / "decoder", "decoder", 150, "--lr", "2e-3")
     l1, mse = losses(tmp_path / "decoder", "l1"), losses(tmp_path / "decoder", "mse")
     assert mean(l1[s] for s in range(131, 151)) < 0.7 * mean(l1[s] for s in range(1, 21))
