@@ -42,7 +42,7 @@ every file's size, written last), and export/ at the end: the official on-disk f
 """
 
 import argparse
-import functools
+import gc
 import json
 import math
 import os
@@ -231,9 +231,12 @@ if device.type == "cuda":
 
 encoder_path = args.encoder
 if args.stage == "2":
-    model = ScaleRAE.from_pretrained(args.init).train()
-    tokenizer = Tokenizer.from_dir(args.tokenizer or args.init)
-    encoder_path = encoder_path or model.config.encoder
+    folder = resolve(args.init, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    model = ScaleRAE.from_pretrained(folder).train()
+    tokenizer = Tokenizer.from_dir(args.tokenizer or folder)
+    if encoder_path is None:  # stage 1's; a checkpoint may ship it in a subfolder (the toy model does)
+        shipped = folder / model.config.encoder
+        encoder_path = str(shipped) if shipped.is_dir() else model.config.encoder
 encoder = load_encoder(encoder_path)  # frozen: eval mode, requires_grad False; replicated over the devices
 
 if args.stage == "1":
@@ -286,13 +289,22 @@ n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 log(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, encoder {encoder_path} (frozen), "
     f"{'torch_xla SPMD on ' + str(n_devices) + ' devices, ' + str(world) + ' host(s)' if USE_XLA else device}")
 
-if not args.no_grad_ckpt:  # recompute each LLM layer / DiT block in the backward pass (torch_xla's adds barriers)
+
+
+if not args.no_grad_ckpt:  # recompute each LLM layer and DiT block (decoder: each layer) in the backward pass, as
+    # the official FSDPv2 wrapping does; torch_xla's version also fences it with optimization barriers
     if USE_XLA:
-        from torch_xla.utils.checkpoint import checkpoint as checkpoint_fn
+        from torch_xla.distributed.fsdp import checkpoint_module
     else:
         from torch.utils.checkpoint import checkpoint
-        checkpoint_fn = functools.partial(checkpoint, use_reentrant=False)
-    model.checkpoint_layers = checkpoint_fn
+
+        def checkpoint_module(module):
+            forward = module.forward
+            module.forward = lambda *a, **k: checkpoint(forward, *a, use_reentrant=False, **k)
+    blocks = (model.decoder_layers if args.stage == "decoder" else
+              [*model.model.layers, *model.diff_head.model.dit_blocks])
+    for block in blocks:
+        checkpoint_module(block)
 
 if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/xla#3811); before the optimizer
     from torch_xla.distributed.spmd.xla_sharding import apply_xla_patch_to_nn_linear
@@ -396,6 +408,10 @@ def save_checkpoint(step):
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict())
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), planner=SPMDSavePlanner() if USE_XLA else None)
     torch.save(dict(step=step, data=stream.state_dict(), rng=rng_state()), tmp / f"host{rank}.pt")
+    # state_dict() tensors alias the parameters, and torch.distributed.checkpoint leaves reference cycles around
+    # them; while an alias lives, XLA must also output it after each in-place update: another graph.
+    del state
+    gc.collect()
     barrier()
     if rank == 0:  # manifest last: a folder without one, or with a file of another size, is not a checkpoint
         sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
@@ -426,6 +442,8 @@ def load_checkpoint(path):
     dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=SPMDLoadPlanner() if USE_XLA else None)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    del state
+    gc.collect()  # as after a save
     host = torch.load(path / f"host{rank}.pt", weights_only=False)
     stream.load_state_dict(host["data"])
     sync()  # the restored tensors become device buffers before the first step is traced
