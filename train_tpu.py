@@ -31,9 +31,10 @@ Launch:
       PJRT_DEVICE=TPU python train_tpu.py --stage 1 --data /mnt/data/wds_manifest.json --steps 60000 \\
       --out /mnt/ckpt/stage1 --resume --peak-tflops 275"
     (--resume makes the same command restart a preempted run from its last checkpoint.)
-  CPU through torch_xla's CPU runtime (how the tests run it):
+  CPU through torch_xla's CPU runtime (how the tests run it; XLA_FLAGS=--xla_backend_optimization_level=0 cuts
+  the CPU compile time ~5x):
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=8 python train_tpu.py --preset toy --stage 1 --data shapes/data.jsonl ...
-  One GPU, or the CPU, without torch_xla:
+  One GPU, or the CPU, without torch_xla (on a CPU, --no-grad-ckpt saves the recomputation):
     python train_tpu.py --backend torch --preset toy --stage 1 --data shapes/data.jsonl ...
 
 Outputs in --out: args.json, log.jsonl (one line per log step), ckpt-<step>/ (model + optimizer via
@@ -46,7 +47,6 @@ import gc
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import replace
@@ -218,13 +218,9 @@ def log(msg):
         print(msg, flush=True)
 
 
-torch.manual_seed(args.seed)  # every host builds the same initial weights
-random.seed(args.seed)
-np.random.seed(args.seed)
+torch.manual_seed(args.seed)  # every host builds the same initial weights (data.py seeds its own shuffling)
 if USE_XLA:
     xm.set_rng_state(args.seed)
-if device.type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 training, as the official runs
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model: what is trained, what is frozen, the loss of one batch
@@ -232,7 +228,7 @@ if device.type == "cuda":
 encoder_path = args.encoder
 if args.stage == "2":
     folder = resolve(args.init, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    model = ScaleRAE.from_pretrained(folder).train()
+    model = ScaleRAE.from_pretrained(folder)
     tokenizer = Tokenizer.from_dir(args.tokenizer or folder)
     if encoder_path is None:  # stage 1's; a checkpoint may ship it in a subfolder (the toy model does)
         shipped = folder / model.config.encoder
@@ -253,12 +249,10 @@ if args.stage == "1":
         assert not unexpected and all(k.startswith(("model.latent_queries", "model.mm_projector", "diff_head"))
                                       for k in missing), (missing, unexpected)
         model.resize_token_embeddings(len(tokenizer))  # + <im_start>, <im_end>, mean-initialized rows (official)
-    model.train()
 
 if args.stage == "decoder":
     model = RAEDecoder(DECODER_PRESETS[args.decoder], encoder.hidden_size, encoder.image_mean, encoder.image_std)
     tokenizer = None  # the stream reads only the images
-    model.train()
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (encoder.image_mean, encoder.image_std))
     out_size = model.config.image_size
 
@@ -285,11 +279,10 @@ else:
                                              args.vision_coef)
         return loss, dict(ce=ce, diff=diff)
 
+model.train()  # the DiT's CFG condition dropout is on in training mode
 n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 log(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, encoder {encoder_path} (frozen), "
     f"{'torch_xla SPMD on ' + str(n_devices) + ' devices, ' + str(world) + ' host(s)' if USE_XLA else device}")
-
-
 
 if not args.no_grad_ckpt:  # recompute each LLM layer and DiT block (decoder: each layer) in the backward pass, as
     # the official FSDPv2 wrapping does; torch_xla's version also fences it with optimization barriers
@@ -323,8 +316,8 @@ if head:
     groups.append(dict(params=head, lr=args.lr * args.diff_head_lr_scale, betas=(0.9, 0.95)))
 optimizer = torch.optim.AdamW(groups, eps=1e-8, weight_decay=0.0)
 for p in (p for g in groups for p in g["params"]):
-    # AdamW's state as its first step would create it, made now (sharded like its parameter): every step then
-    # runs the same graph, and a checkpoint has tensors to be restored into.
+    # AdamW's state as its first step would create it, made now: sharded like its parameter from the start, and
+    # there for a checkpoint to be restored into.
     state = optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
                                       exp_avg_sq=torch.zeros_like(p))
     if USE_XLA:
@@ -380,21 +373,18 @@ tokens_per_sample = args.seq_len if args.stage != "decoder" else encoder.num_tok
 
 
 def checkpoints():
-    return sorted(out.glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
+    return sorted(out.glob("ckpt-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+def rng_state():  # where the random draws of the steps come from (timesteps, noise, CFG dropout)
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
                 xla=xm.get_rng_state() if USE_XLA else None)
 
 
 def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
     if s["cuda"] is not None:
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state(s["cuda"])
     if s["xla"] is not None:
         xm.set_rng_state(s["xla"])
 
@@ -426,10 +416,10 @@ def save_checkpoint(step):
 def check_checkpoint(path):
     """None if the folder is a complete checkpoint, else what is wrong with it."""
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        return f"no readable manifest ({e})"
-    for name, size in manifest["files"].items():
+        files = json.loads((path / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no readable manifest ({type(e).__name__}: {e})"
+    for name, size in files.items():
         if not (path / name).is_file():
             return f"{name} is missing"
         if (path / name).stat().st_size != size:

@@ -155,22 +155,22 @@ def test_decoder_stage_reduces_reconstruction_error(assets, tmp_path):  # reads 
 
 def test_killed_run_resumes_to_the_same_losses(assets, tmp_path):
     """The reference keeps its activations (--no-grad-ckpt): recomputing them must not change a thing either."""
-    train(assets, tmp_path / "reference", "1", 30, "--save-every", "5", "--keep", "2", "--no-grad-ckpt")
+    train(assets, tmp_path / "reference", "1", 20, "--save-every", "5", "--keep", "2", "--no-grad-ckpt")
     out = tmp_path / "killed"
-    proc = start(assets, out, "1", 30, "--save-every", "5", "--keep", "2")
+    proc = start(assets, out, "1", 20, "--save-every", "5", "--keep", "2")
     deadline = time.time() + 300
     while not (out / "ckpt-10").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # wherever it is: between steps, or in the middle of writing a checkpoint
     finish(proc, check=False)
     assert not (out / "export").exists(), "the run finished before it could be killed"
-    run = train(assets, out, "1", 30, "--save-every", "5", "--keep", "2", "--resume")
+    run = train(assets, out, "1", 20, "--save-every", "5", "--keep", "2", "--resume")
     assert int(run.stdout.split("resumed from")[1].split("at step ")[1].split()[0]) >= 10
     ref, got = losses(tmp_path / "reference"), losses(out)
-    assert set(got) == set(range(1, 31))
-    for step in range(1, 31):
+    assert set(got) == set(range(1, 21))
+    for step in range(1, 21):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
-    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-25", "ckpt-30"]  # the last --keep
+    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-15", "ckpt-20"]  # the last --keep
 
 
 def test_existing_run_is_never_overwritten(assets, stage1):
@@ -214,13 +214,13 @@ class Background:
 @pytest.fixture(scope="module", autouse=True)
 def spmd(assets, tmp_path_factory):
     """The same 6 steps on 8 devices (FSDP-sharded parameters, batch over 8) and on 1 device, checkpoints at 3 and
-    6; started before the first test of this file."""
+    6, and a step of the decoder stage; started before the first test of this file."""
     if not HAS_XLA:
         yield None
         return
     root = tmp_path_factory.mktemp("spmd")
     runs = Background(root, [start(assets, root / f"devices{n}", "1", 6, "--save-every", "3", devices=n)
-                             for n in (8, 1)])
+                             for n in (8, 1)] + [start(assets, root / "decoder", "decoder", 1, devices=8)])
     yield runs
     for proc in runs.procs:
         proc.kill()
@@ -229,7 +229,7 @@ def spmd(assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def spmd_more(assets, spmd):
     """From the 8-device run, at once: a resume after its last checkpoint is cut short (as by a crash during a save
-    or a bad copy), stage 2 from its export, and the decoder stage."""
+    or a bad copy), and stage 2 from its export."""
     root = spmd.wait()
     out = root / "resumed"
     shutil.copytree(root / "devices8", out)
@@ -238,8 +238,7 @@ def spmd_more(assets, spmd):
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     runs = [start(assets, out, "1", 6, "--save-every", "3", "--resume", devices=8),
-            start(assets, root / "stage2", "2", 2, "--init", root / "devices8" / "export", devices=8),
-            start(assets, root / "decoder", "decoder", 2, devices=8)]
+            start(assets, root / "stage2", "2", 1, "--init", root / "devices8" / "export", devices=8)]
     return root, [finish(run) for run in runs]
 
 
@@ -257,7 +256,7 @@ def test_sharded_step_equals_single_device_and_compiles_once(spmd):
 
 @needs_xla
 def test_truncated_checkpoint_is_skipped_and_resume_is_exact(spmd_more):
-    root, (run, _, _) = spmd_more
+    root, (run, _) = spmd_more
     assert "skipping checkpoint" in run.stdout and "ckpt-6" in run.stdout
     assert "resumed from" in run.stdout and "at step 3" in run.stdout
     ref, got = losses(root / "devices8"), losses(root / "resumed")
@@ -270,6 +269,6 @@ def test_truncated_checkpoint_is_skipped_and_resume_is_exact(spmd_more):
 @needs_xla
 def test_stage2_and_decoder_run_on_spmd(spmd_more):
     root, _ = spmd_more
-    assert sorted(losses(root / "stage2")) == sorted(losses(root / "decoder")) == [1, 2]
+    assert list(losses(root / "stage2")) == list(losses(root / "decoder")) == [1]
     assert (root / "stage2" / "export" / "model.safetensors").is_file()
     assert (root / "decoder" / "export" / "model.pt").is_file()
