@@ -87,7 +87,7 @@ parser.add_argument("--dit", help=f"stage-1 DiT preset, default dit-2.4b ({', '.
 parser.add_argument("--decoder", help=f"decoder preset, default vit-xl ({', '.join(DECODER_PRESETS)})")
 parser.add_argument("--encoder", help="frozen encoder, folder or Hub id (stage 1 and decoder: default "
                     "google/siglip2-so400m-patch14-224; stage 2: the one named in the stage-1 config)")
-parser.add_argument("--tokenizer", help="tokenizer folder (default: the --init folder)")
+parser.add_argument("--tokenizer", help="stages 1 and 2: tokenizer folder (default: the --init folder)")
 parser.add_argument("--data", required=True, help="a JSONL file or a wds_manifest.json (data.py)")
 parser.add_argument("--image-folder", help="root of relative image paths in a JSONL (default: its folder)")
 parser.add_argument("--out", required=True, help="run folder; an existing run is only continued with --resume")
@@ -234,7 +234,7 @@ if args.stage == "2":
     model = ScaleRAE.from_pretrained(args.init).train()
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.init)
     encoder_path = encoder_path or model.config.encoder
-encoder = load_encoder(encoder_path, device=device)  # frozen: eval mode, requires_grad False, replicated on devices
+encoder = load_encoder(encoder_path)  # frozen: eval mode, requires_grad False; replicated over the devices
 
 if args.stage == "1":
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.init, add_image_markers=True)
@@ -254,7 +254,7 @@ if args.stage == "1":
 
 if args.stage == "decoder":
     model = RAEDecoder(DECODER_PRESETS[args.decoder], encoder.hidden_size, encoder.image_mean, encoder.image_std)
-    tokenizer = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
+    tokenizer = None  # the stream reads only the images
     model.train()
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (encoder.image_mean, encoder.image_std))
     out_size = model.config.image_size
@@ -297,7 +297,9 @@ if not args.no_grad_ckpt:  # recompute each LLM layer / DiT block in the backwar
 if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/xla#3811); before the optimizer
     from torch_xla.distributed.spmd.xla_sharding import apply_xla_patch_to_nn_linear
     apply_xla_patch_to_nn_linear(model)
+    apply_xla_patch_to_nn_linear(encoder)
 model.to(device)
+encoder.to(device)
 if USE_XLA:
     for p in model.parameters():
         xs.mark_sharding(p, mesh, fsdp_spec(p))

@@ -48,11 +48,12 @@ XLA_ENV = dict(PJRT_DEVICE="CPU",
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """8 synthetic samples (32 px, generation and understanding mixed) for stage 1 and the decoder, 8 other
-    generation samples for stage 2, a BPE tokenizer trained on them, and a frozen random tiny SigLIP encoder
-    (32 px in patches of 2 -> 256 tokens of 32 channels)."""
+    """8 synthetic samples (32 px, generation and understanding mixed; JSONL for stage 1, WebDataset tars for the
+    decoder), 8 other generation samples for stage 2, a BPE tokenizer trained on them, and a frozen random tiny
+    SigLIP encoder (32 px in patches of 2 -> 256 tokens of 32 channels)."""
     root = tmp_path_factory.mktemp("assets")
-    jsonl = data.write_shapes_dataset(root / "shapes", 8, seed=0, image_size=32, formats=("jsonl",))["jsonl"]
+    paths = data.write_shapes_dataset(root / "shapes", 8, seed=0, image_size=32, samples_per_tar=4)
+    jsonl = paths["jsonl"]
     jsonl2 = data.write_shapes_dataset(root / "shapes2", 8, seed=1, image_size=32, understanding_fraction=0.0,
                                        formats=("jsonl",))["jsonl"]
     texts = [c["value"] for f in (jsonl, jsonl2) for line in open(f) for c in json.loads(line)["conversations"]]
@@ -62,13 +63,14 @@ def assets(tmp_path_factory):
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                              image_size=32, patch_size=2)
     SigLIP2Encoder(cfg, ImageProcessing((32, 32), (0.5,) * 3, (0.5,) * 3, resample=2)).save_pretrained(root / "encoder")
-    return dict(data=str(jsonl), data2=str(jsonl2), tokenizer=str(root / "tokenizer"), encoder=str(root / "encoder"))
+    return dict(data=str(jsonl), wds=str(paths["wds"]), data2=str(jsonl2), tokenizer=str(root / "tokenizer"),
+                encoder=str(root / "encoder"))
 
 
 def command(assets, out, stage="1", steps=6, *extra):
     args = ["--stage", stage, "--out", str(out), "--steps", str(steps), "--encoder",
             assets["encoder"], "--batch-size", "8", "--seq-len", str(SEQ_LEN), "--log-every", "1"]
-    args += ["--data", assets["data2"] if stage == "2" else assets["data"]]
+    args += ["--data", {"1": assets["data"], "2": assets["data2"], "decoder": assets["wds"]}[stage]]
     if stage == "1":
         args += ["--llm", "tiny", "--dit", "tiny", "--tokenizer", assets["tokenizer"]]
     if stage == "decoder":
@@ -139,7 +141,7 @@ def test_stage2_overfits_new_images_from_the_stage1_export(assets, stage1, tmp_p
     assert mean(loss[s] for s in range(81, 101)) < 0.7 * mean(loss[s] for s in range(1, 21))
 
 
-def test_decoder_stage_reduces_reconstruction_error(assets, tmp_path):
+def test_decoder_stage_reduces_reconstruction_error(assets, tmp_path):  # reads the WebDataset tars
     train(assets, tmp_path / "decoder", "decoder", 150, "--lr", "2e-3")
     l1, mse = losses(tmp_path / "decoder", "l1"), losses(tmp_path / "decoder", "mse")
     assert mean(l1[s] for s in range(131, 151)) < 0.7 * mean(l1[s] for s in range(1, 21))
@@ -166,22 +168,23 @@ def test_exports_sample_an_image_with_sample_py(assets, stage1, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_losses(assets, tmp_path):
-    train(assets, tmp_path / "reference", "1", 30, "--save-every", "5")
+    train(assets, tmp_path / "reference", "1", 30, "--save-every", "5", "--keep", "2")
     out = tmp_path / "killed"
-    proc = start(assets, out, "1", 30, "--save-every", "5")
+    proc = start(assets, out, "1", 30, "--save-every", "5", "--keep", "2")
     deadline = time.time() + 300
     while not (out / "ckpt-10").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # wherever it is: between steps, or in the middle of writing a checkpoint
     finish(proc, check=False)
     assert not (out / "export").exists(), "the run finished before it could be killed"
-    run = train(assets, out, "1", 30, "--save-every", "5", "--resume")
+    run = train(assets, out, "1", 30, "--save-every", "5", "--keep", "2", "--resume")
     resumed = int(run.stdout.split("resumed from")[1].split("at step ")[1].split()[0])
     assert resumed >= 10
     ref, got = losses(tmp_path / "reference"), losses(out)
     assert set(got) == set(range(1, 31))
     for step in range(resumed + 1, 31):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-25", "ckpt-30"]  # the last --keep
 
 
 def test_existing_run_is_never_overwritten(assets, stage1):
