@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes, analyze_shapes,
                   generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
-from sample import check_sampling_args
+from sample import check_sampling_args, load
 from weights import write_atomic
 
 ATTRIBUTES = SCORED + ("size",)
@@ -218,17 +218,9 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from model import load_pipeline
     from weights import WeightsError
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    t0 = time.perf_counter()
-    try:
-        model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, dtype=dtype, device=device)
-    except (WeightsError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(f"loaded {args.model_path} in {time.perf_counter() - t0:.1f}s ({device}, {str(dtype).split('.')[-1]})")
+    model, tokenizer, rae, device, dtype = load(args)
 
     # Generation: one image per prompt, prompt i from seed + i.
     t0 = time.perf_counter()

@@ -145,26 +145,36 @@ class Progress:
             sys.stderr.flush()
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def load(args):
+    """(model, tokenizer, rae, device, dtype) for --model-path/--decoder-repo/--device/--dtype; a missing or
+    mismatched checkpoint ends the program with one clear line (no traceback)."""
     import torch
-    from safetensors.torch import save_file
 
-    from dit import official_timesteps
     from model import load_pipeline
-    from weights import WeightsError, write_atomic
+    from weights import WeightsError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     t0 = time.perf_counter()
     try:
         model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, dtype=dtype, device=device)
     except (WeightsError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"loaded {args.model_path} in {time.perf_counter() - t0:.1f}s ({device}, {str(dtype).split('.')[-1]})")
+    return model, tokenizer, rae, device, dtype
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from safetensors.torch import save_file
+
+    from dit import official_timesteps
+    from weights import WeightsError, write_atomic
+
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, rae, device, dtype = load(args)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     steps = args.steps if args.steps is not None else len(official_timesteps()[0])

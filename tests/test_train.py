@@ -153,6 +153,22 @@ def test_decoder_stage_reduces_reconstruction_error(assets, tmp_path):  # reads 
     assert decoder(torch.zeros(1, 256, 32)).shape == (1, 3, 32, 32)
 
 
+def test_exports_sample_an_image_with_sample_py(assets, stage1, tmp_path):
+    """The stage-1 export and a decoder-stage export, as a user would pass them to sample.py: a training prompt
+    (the model overfits them) gives an image, a latent and a manifest."""
+    train(assets, tmp_path / "decoder", "decoder", 2)
+    record = next(r for r in map(json.loads, open(assets["data"])) if r["metadata"]["task"] == "generation")
+    prompt = record["conversations"][0]["value"]
+    p = subprocess.run([sys.executable, "sample.py", "--model-path", str(stage1 / "export"), "--decoder-repo",
+                        str(tmp_path / "decoder" / "export"), "--prompt", prompt, "--steps", "2", "--save-latent",
+                        "--output-dir", str(tmp_path / "out")], cwd=ROOT, env=environment(), capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [manifest] = (tmp_path / "out").glob("*manifest*.json")
+    m = json.loads(manifest.read_text())
+    assert len(m["images"]) == 1 and len(m["latents"]) == 1, m
+
+
 def test_killed_run_resumes_to_the_same_losses(assets, tmp_path):
     """The reference keeps its activations (--no-grad-ckpt): recomputing them must not change a thing either."""
     train(assets, tmp_path / "reference", "1", 20, "--save-every", "5", "--keep", "2", "--no-grad-ckpt")
