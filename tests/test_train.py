@@ -143,24 +143,29 @@ def test_stage2_overfits_new_images_from_the_stage1_export(assets, stage1, tmp_p
     assert mean(loss[s] for s in range(81, 101)) < 0.7 * mean(loss[s] for s in range(1, 21))
 
 
-def test_decoder_stage_reduces_reconstruction_error(assets, tmp_path):  # reads the WebDataset tars
-    train(assets, tmp_path / "decoder", "decoder", 150, *FAST, "--lr", "2e-3")
-    l1, mse = losses(tmp_path / "decoder", "l1"), losses(tmp_path / "decoder", "mse")
+@pytest.fixture(scope="module")
+def decoder(assets, tmp_path_factory):  # reads the WebDataset tars
+    out = tmp_path_factory.mktemp("runs") / "decoder"
+    train(assets, out, "decoder", 150, *FAST, "--lr", "2e-3")
+    return out
+
+
+def test_decoder_stage_reduces_reconstruction_error(decoder):
+    l1, mse = losses(decoder, "l1"), losses(decoder, "mse")
     assert mean(l1[s] for s in range(131, 151)) < 0.7 * mean(l1[s] for s in range(1, 21))
     assert mean(mse[s] for s in range(131, 151)) < 0.7 * mean(mse[s] for s in range(1, 21))
     from rae import load_decoder
-    decoder = load_decoder(tmp_path / "decoder" / "export", 32, (0.5,) * 3, (0.5,) * 3)
-    assert decoder(torch.zeros(1, 256, 32)).shape == (1, 3, 32, 32)
+    model = load_decoder(decoder / "export", 32, (0.5,) * 3, (0.5,) * 3)
+    assert model(torch.zeros(1, 256, 32)).shape == (1, 3, 32, 32)
 
 
-def test_exports_sample_an_image_with_sample_py(assets, stage1, tmp_path):
+def test_exports_sample_an_image_with_sample_py(assets, stage1, decoder, tmp_path):
     """The stage-1 export and a decoder-stage export, as a user would pass them to sample.py: a training prompt
     (the model overfits them) gives an image, a latent and a manifest."""
-    train(assets, tmp_path / "decoder", "decoder", 2)
     record = next(r for r in map(json.loads, open(assets["data"])) if r["metadata"]["task"] == "generation")
     prompt = record["conversations"][0]["value"]
     p = subprocess.run([sys.executable, "sample.py", "--model-path", str(stage1 / "export"), "--decoder-repo",
-                        str(tmp_path / "decoder" / "export"), "--prompt", prompt, "--steps", "2", "--save-latent",
+                        str(decoder / "export"), "--prompt", prompt, "--steps", "2", "--save-latent",
                         "--output-dir", str(tmp_path / "out")], cwd=ROOT, env=environment(), capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stdout + p.stderr
