@@ -9,8 +9,9 @@ pytorch/xla FSDPv2 example and torchprime (one SPMD program, FSDP-sharded parame
                    are added to the vocabulary with mean-initialized embedding rows. Loss = CE + 2.0 x diffusion loss.
   --stage 2        the same loss, from a stage-1 export.
   --stage decoder  the RAE pixel decoder on frozen encoder latents: L1 + MSE in pixel space, with RAE's noise
-                   augmentation of the latents (sigma ~ U(0, tau) per image). RAE also uses LPIPS and a GAN loss;
-                   their weights (VGG, DINO discriminator) are not available here, so they are left out.
+                   augmentation of the latents (sigma ~ U(0, tau) per image). RAE also uses LPIPS and a GAN loss,
+                   whose weights (VGG, DINO discriminator) are not available here, and an EMA of the decoder: all
+                   three are left out.
 
 Defaults are the official hyper-parameters: AdamW (eps 1e-8, no weight decay) with two groups, the LLM, latent
 queries and mm_projector at 5.65e-5, betas (0.9, 0.999), and every parameter whose name contains `diff_head` (the
