@@ -71,7 +71,7 @@ DIT_PRESETS = {
     # Sizes from the official docs/Train.md. Its z_channels (3072) gives 8.19B, not 9.8B: for the released
     # checkpoint read Z from config.json (DiTConfig.from_checkpoint_config), do not trust this preset's Z.
     "dit-9.8b": DiTConfig(hidden_size=3072, depth=48, num_heads=48, z_channels=3072),
-    "toy": DiTConfig(hidden_size=128, depth=4, num_heads=4, in_channels=64, z_channels=128),  # issue 7, CPU-sized
+    "toy": DiTConfig(hidden_size=128, depth=4, num_heads=4, in_channels=64, z_channels=128, input_size=8),  # issue 7
 }
 
 

@@ -81,9 +81,10 @@ ENCODER_PRESETS = {
                                                             patch_size=14),
     "facebook/webssl-dino300m-full2b-224": Dinov2Config(hidden_size=1024, num_hidden_layers=24,
                                                         num_attention_heads=16),
-    # Issue 7's toy encoder: a SigLIP-architecture ViT, 64 px in patches of 4 -> the same 16 x 16 = 256 tokens.
+    # Issue 7's toy encoder: a SigLIP-architecture ViT, 64 px in patches of 8 -> 8 x 8 = 64 tokens (a quarter of
+    # the real 256, so that every stage trains on two CPU cores).
     "toy": SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=64, patch_size=4),
+                              image_size=64, patch_size=8),
 }
 
 

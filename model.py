@@ -281,7 +281,6 @@ class Qwen2ForCausalLM(nn.Module):
 # Part 2: Scale-RAE
 
 IMAGE_TOKEN = -200  # official IMAGE_TOKEN_INDEX: marks the slots of an image in input_ids
-NUM_IMAGE_TOKENS = 256  # 16 x 16 encoder tokens per image
 
 
 @dataclass
@@ -291,6 +290,10 @@ class ScaleRAEConfig(QwenConfig):
     mm_hidden_size: int = 1152  # encoder width: the input of mm_projector
     encoder: str = "google/siglip2-so400m-patch14-224"  # not in the checkpoint: loaded only when an image is read
     tokenizer_model_max_length: int = 512
+
+    @property
+    def image_tokens(self):  # encoder tokens per image = latent queries = DiT tokens: 256 (16 x 16) when released
+        return self.dit.tokens
 
     @classmethod
     def from_official(cls, d):
@@ -306,11 +309,16 @@ class ScaleRAEConfig(QwenConfig):
             problems.append("diffusion_norm_stats_path is set (latent normalization is not used by released models)")
         if d.get("diffusion_base_dim") not in (None, 4096):
             problems.append(f"diffusion_base_dim={d['diffusion_base_dim']} (supported: 4096, the default)")
+        # The official DiT is built for input_size=16; the token count is read from the config (the toy model has 64).
+        tokens = d.get("mm_vision_tower_aux_token_len_list", [256])[0]
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            problems.append(f"mm_vision_tower_aux_token_len_list=[{tokens}] (must be a square grid)")
         if problems:
             raise WeightsError("unsupported Scale-RAE config.json: " + "; ".join(problems))
         dit = DiTConfig(hidden_size=d["diffusion_model_hidden_size"], depth=d["diffusion_model_depth"],
                         num_heads=d["diffusion_model_heads"], in_channels=d["diffusion_model_channels"],
-                        z_channels=d["diffusion_model_z_channels"],
+                        z_channels=d["diffusion_model_z_channels"], input_size=side,
                         class_dropout_prob=d.get("diffusion_class_dropout_prob", 0.1))
         llm = QwenConfig.from_dict(d)
         return cls(**{f.name: getattr(llm, f.name) for f in fields(QwenConfig)}, dit=dit,
@@ -325,13 +333,13 @@ class ScaleRAEConfig(QwenConfig):
             "architectures": ["ScaleRAEQwenForCausalLM"], "model_type": "qwen2", **d, "hidden_act": "silu",
             "max_position_embeddings": 32768, "use_sliding_window": False, "rope_scaling": None, "use_cache": True,
             "torch_dtype": "float32", "vision_loss": "diffusion-loss", "vision_loss_mode": "query", "vision_coef": 2.0,
-            "diffusion_split_per_token": NUM_IMAGE_TOKENS, "diffusion_model_hidden_size": self.dit.hidden_size,
+            "diffusion_split_per_token": self.image_tokens, "diffusion_model_hidden_size": self.dit.hidden_size,
             "diffusion_model_channels": self.dit.in_channels, "diffusion_model_depth": self.dit.depth,
             "diffusion_model_heads": self.dit.num_heads, "diffusion_model_z_channels": self.dit.z_channels,
             "diffusion_class_dropout_prob": self.dit.class_dropout_prob, "dit_cls": "DiT", "diffusion_base_dim": None,
             "diffusion_norm_stats_path": None, "diffusion_timesteps_per_sample": 1, "aux_regression": False,
-            "mm_vision_tower_aux_list": [self.encoder], "mm_vision_tower_aux_token_len_list": [NUM_IMAGE_TOKENS],
-            "vision_tower_aux_token_len_list": [NUM_IMAGE_TOKENS], "mm_hidden_size": self.mm_hidden_size,
+            "mm_vision_tower_aux_list": [self.encoder], "mm_vision_tower_aux_token_len_list": [self.image_tokens],
+            "vision_tower_aux_token_len_list": [self.image_tokens], "mm_hidden_size": self.mm_hidden_size,
             "mm_projector_type": "mlp2x_gelu", "use_mm_proj": True, "mm_vision_select_layer": -1,
             "mm_vision_select_feature": "patch", "mm_use_im_start_end": True, "mm_use_im_patch_token": False,
             "image_aspect_ratio": "square", "tokenizer_model_max_length": self.tokenizer_model_max_length,
@@ -355,7 +363,7 @@ class ScaleRAEModel(Qwen2Model):
     def __init__(self, cfg: ScaleRAEConfig):
         super().__init__(cfg)
         H = cfg.hidden_size
-        self.latent_queries = nn.Parameter(torch.randn(NUM_IMAGE_TOKENS, H) / math.sqrt(H))  # official init
+        self.latent_queries = nn.Parameter(torch.randn(cfg.image_tokens, H) / math.sqrt(H))  # official init
         self.mm_projector = nn.Sequential(nn.Linear(cfg.mm_hidden_size, H), nn.GELU(), nn.Linear(H, H))
 
 
@@ -389,7 +397,7 @@ class ScaleRAE(Qwen2ForCausalLM):
         if image_is_target is not None:
             queries = self.model.latent_queries.to(x.dtype)[None].expand(B, -1, -1)
             fill = torch.where(image_is_target[:, None, None], queries, fill)
-        slot = (torch.arange(L, device=x.device)[None] - start[:, None]).clamp(0, NUM_IMAGE_TOKENS - 1)  # (B, L)
+        slot = (torch.arange(L, device=x.device)[None] - start[:, None]).clamp(0, self.config.image_tokens - 1)  # (B, L)
         fill = torch.gather(fill, 1, slot[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, H)
         return torch.where(is_image[..., None], fill, x)
 
@@ -403,7 +411,7 @@ class ScaleRAE(Qwen2ForCausalLM):
         ce_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         ce = ce_sum / (targets != -100).sum().clamp(min=1)  # a batch without labels gives 0, not NaN
         start = (input_ids == IMAGE_TOKEN).int().argmax(1)
-        idx = (start[:, None] + torch.arange(NUM_IMAGE_TOKENS, device=h.device)).clamp(max=h.shape[1] - 1)
+        idx = (start[:, None] + torch.arange(self.config.image_tokens, device=h.device)).clamp(max=h.shape[1] - 1)
         h_img = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, 256, H)
         per_image = self.diff_head.loss(image_features, self.diff_head_projector(h_img))  # (B,)
         w = image_is_target.to(per_image.dtype)
@@ -421,9 +429,10 @@ class ScaleRAE(Qwen2ForCausalLM):
         follows an image. Returns per prompt (generated ids, condition (256, Z) or None).
         """
         device, dtype = self.model.norm.weight.device, self.model.norm.weight.dtype
-        prompts = [sum(([IMAGE_TOKEN] * NUM_IMAGE_TOKENS if t == IMAGE_TOKEN else [t] for t in p), []) for p in prompts]
+        T = self.config.image_tokens
+        prompts = [sum(([IMAGE_TOKEN] * T if t == IMAGE_TOKEN else [t] for t in p), []) for p in prompts]
         B, P = len(prompts), max(map(len, prompts))
-        total = P + max_new_tokens + 1 + NUM_IMAGE_TOKENS
+        total = P + max_new_tokens + 1 + T
         ids = torch.zeros(B, P, dtype=torch.long, device=device)
         valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # real (non-padding) positions
         for b, p in enumerate(prompts):  # left padding, so every row's next token lands in the same column
@@ -458,7 +467,7 @@ class ScaleRAE(Qwen2ForCausalLM):
             sel = torch.tensor(rows, device=device)
             cache.select(sel)
             valid = valid[sel]
-            col, n = cache.length, 1 + NUM_IMAGE_TOKENS
+            col, n = cache.length, 1 + T
             valid[:, col:col + n] = True
             positions = (valid.cumsum(-1) - 1).clamp(min=0)
             start = self.model.embed_tokens(torch.full((len(rows), 1), image_start_id, device=device))
@@ -481,7 +490,7 @@ class ScaleRAE(Qwen2ForCausalLM):
     @torch.no_grad()
     def sample_latents(self, conditions, seeds, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None):
         """DiT sampling: conditions (N, 256, Z) -> latents (N, 256, C) float32; image i starts from seed seeds[i]."""
-        noise = initial_noise(seeds, self.config.dit.in_channels, conditions.device)
+        noise = initial_noise(seeds, self.config.dit.in_channels, conditions.device, size=self.config.dit.input_size)
         return self.diff_head.sample(conditions, noise, steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                                      progress=progress)
 

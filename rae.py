@@ -69,7 +69,7 @@ DECODER_PRESETS = {  # width, depth, heads, MLP width
     "vit-b": DecoderConfig(768, 12, 12, 3072, patch_size=16, image_size=256),
     "vit-l": DecoderConfig(1024, 24, 16, 4096, patch_size=16, image_size=256),
     "vit-xl": DecoderConfig(1152, 28, 16, 4096, patch_size=16, image_size=256),
-    "toy": DecoderConfig(128, 2, 4, 256, patch_size=4, image_size=64),  # issue 7: 64 px from 16 x 16 tokens
+    "toy": DecoderConfig(128, 2, 4, 256, patch_size=8, image_size=64),  # issue 7: 64 px from 8 x 8 tokens
 }
 
 

@@ -111,8 +111,8 @@ def read_latent(path):
         latent = load_file(path)["latent"]
     except (OSError, SafetensorError, KeyError) as e:
         raise ValueError(f"--latent {path} is not a latent file written by --save-latent ({e!r})") from None
-    if latent.ndim != 2 or latent.shape[0] != 256:
-        raise ValueError(f"--latent {path} holds shape {tuple(latent.shape)}; expected (256, C)")
+    if latent.ndim != 2:
+        raise ValueError(f"--latent {path} holds shape {tuple(latent.shape)}; expected (tokens, channels)")
     return latent.float()
 
 
@@ -175,6 +175,10 @@ def main(argv=None):
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer, rae, device, dtype = load(args)
+    expected = (model.config.image_tokens, model.config.dit.in_channels)  # (256, 1152) for the released SigLIP-2 models
+    if args.input_latent is not None and tuple(args.input_latent.shape) != expected:
+        sys.exit(f"error: --latent {args.latent} holds shape {tuple(args.input_latent.shape)}; this model's latents "
+                 f"are {expected}")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     steps = args.steps if args.steps is not None else len(official_timesteps()[0])

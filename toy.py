@@ -9,8 +9,8 @@ Same code paths as the real model, only sizes differ (the `toy` presets of model
                 question -> one word), as stage 1 mixes both tasks. The (color, shape) pairs of data.TOY_HOLDOUT are
                 never shown, so the evaluation can measure compositional generalization.
   2. tokenizer  a byte-level BPE trained on the captions (tokenizer.train_tokenizer), with the real special tokens
-  3. encoder    the frozen representation encoder: a SigLIP-architecture ViT (64 px, patches of 4 -> the same
-                16 x 16 = 256 tokens), left at its random initialization. A random ViT keeps the pixels recoverable
+  3. encoder    the frozen representation encoder: a SigLIP-architecture ViT (64 px, patches of 8 -> 8 x 8 = 64
+                tokens, a quarter of the real 256), left at its random initialization. A random ViT keeps the pixels recoverable
                 (the decoder learns to invert it) and gives a fixed latent space for the DiT; no pre-training needed.
   4. decoder    train_tpu.py --stage decoder: the RAE pixel decoder on the frozen latents
   5. stage 1    train_tpu.py --stage 1: LLM + latent queries + projectors + DiT from scratch, CE + 2 x diffusion loss
@@ -46,7 +46,7 @@ parser.add_argument("--decoder-steps", type=int, default=600)
 parser.add_argument("--stage1-steps", type=int, default=1200)
 parser.add_argument("--stage2-steps", type=int, default=300)
 parser.add_argument("--batch-size", type=int, default=32)
-parser.add_argument("--seq-len", type=int, default=360, help="fits the longest toy sample (prompt + 258 image slots)")
+parser.add_argument("--seq-len", type=int, default=144, help="fits the longest toy sample (prompt + 66 image slots)")
 parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every part (from scratch, the official "
                     "10x higher DiT rate is not needed)")
 parser.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts (and questions) to evaluate")

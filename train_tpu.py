@@ -242,7 +242,9 @@ if args.stage == "1":
         llm_config = QwenConfig.from_dict(read_config(resolve(args.init, allow_patterns=["*.json"])))
     else:  # a toy LLM from scratch: its vocabulary is the tokenizer's
         llm_config = replace(QWEN_PRESETS[args.llm], vocab_size=len(tokenizer))
-    model = ScaleRAE(ScaleRAEConfig(**vars(llm_config), dit=DIT_PRESETS[args.dit], mm_hidden_size=encoder.hidden_size,
+    # The DiT generates the encoder's tokens: its grid and channels are the encoder's (16 x 16 x 1152 for SigLIP-2).
+    dit = replace(DIT_PRESETS[args.dit], in_channels=encoder.hidden_size, input_size=math.isqrt(encoder.num_tokens))
+    model = ScaleRAE(ScaleRAEConfig(**vars(llm_config), dit=dit, mm_hidden_size=encoder.hidden_size,
                                     encoder=encoder_path, tokenizer_model_max_length=args.seq_len))
     if args.init:  # Qwen2.5's weights; latent queries, projectors and DiT keep their fresh (official) initialization
         llm = Qwen2ForCausalLM.from_pretrained(args.init)
@@ -260,7 +262,7 @@ if args.stage == "decoder":
     def compute_loss(batch):
         """L1 + MSE between the decoded noisy latents and the image, in [0, 1] pixels, over rows with an image."""
         with torch.no_grad():
-            z = encoder.encode(batch["pixel_values"])  # (B, 256, C)
+            z = encoder.encode(batch["pixel_values"])  # (B, T, C)
             sigma = args.noise_tau * torch.rand(z.shape[0], 1, 1, device=z.device)
             z = z + sigma * torch.randn_like(z)  # RAE's noise augmentation: a decoder robust to imperfect latents
             target = batch["pixel_values"] * std + mean  # (B, 3, S, S) in [0, 1]
@@ -275,7 +277,7 @@ if args.stage == "decoder":
 else:
     def compute_loss(batch):
         with torch.no_grad():
-            features = encoder.encode(batch["pixel_values"])  # (B, 256, C) frozen latents: input and target
+            features = encoder.encode(batch["pixel_values"])  # (B, T, C) frozen latents: input and target
         loss, ce, diff = model.training_loss(batch["input_ids"], batch["labels"], features, batch["image_is_target"],
                                              args.vision_coef)
         return loss, dict(ce=ce, diff=diff)
@@ -366,7 +368,7 @@ def train_step(batch):
 
 per_host = args.batch_size // world
 stream = SampleStream(open_source(args.data, args.image_folder), tokenizer, args.seq_len, rank=rank, world=world,
-                      seed=args.seed, images_only=args.stage == "decoder")
+                      seed=args.seed, images_only=args.stage == "decoder", image_tokens=encoder.num_tokens)
 tokens_per_sample = args.seq_len if args.stage != "decoder" else encoder.num_tokens
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from dit import dit_flops, official_timesteps  # noqa: E402
-from model import NUM_IMAGE_TOKENS, SCALE_RAE_PRESETS, ScaleRAE  # noqa: E402
+from model import SCALE_RAE_PRESETS, ScaleRAE  # noqa: E402
 from rae import DECODER_PRESETS, RAE, RAEDecoder  # noqa: E402
 from weights import load_strict  # noqa: E402
 
@@ -130,8 +130,8 @@ def run_official_style(model, rae, prompt, token, args):
     queries = model.model.latent_queries.to(x.dtype)[None]
     x = torch.cat([x, embed(nxt), queries], 1)  # (1, P + 257, H)
     h = model(inputs_embeds=x)  # the whole sequence again
-    embed(model.logits(h)[:, -NUM_IMAGE_TOKENS:].argmax(-1))  # official: logits and a gather at the queries, unused
-    cond = model.diff_head_projector(h[:, -NUM_IMAGE_TOKENS:])  # (1, 256, Z)
+    embed(model.logits(h)[:, -model.config.image_tokens:].argmax(-1))  # official: logits and a gather at the queries, unused
+    cond = model.diff_head_projector(h[:, -model.config.image_tokens:])  # (1, 256, Z)
     sync(device)
     t1 = time.perf_counter()
     # guidance > 1 doubles the batch, as the official no-op CFG does (ours is real CFG at the same cost)

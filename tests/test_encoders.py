@@ -192,7 +192,7 @@ def test_unsupported_encoders_are_refused(tiny_siglip_dir, tmp_path):
 
 
 def test_toy_encoder_saves_the_hub_layout_and_loads_back(tmp_path):
-    """The toy SigLIP encoder (issue 7) is written in the layout load_encoder reads, and gives 256 tokens at 64 px."""
+    """The toy SigLIP encoder (issue 7) is written in the layout load_encoder reads, and gives 8 x 8 tokens at 64 px."""
     from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder, load_encoder
     torch.manual_seed(0)
     enc = SigLIP2Encoder(ENCODER_PRESETS["toy"], ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2)).eval()
@@ -202,4 +202,4 @@ def test_toy_encoder_saves_the_hub_layout_and_loads_back(tmp_path):
     assert torch.equal(back.preprocess(images), enc.preprocess(images))
     with torch.no_grad():
         z = back.encode(back.preprocess(images))
-        assert z.shape == (2, 256, 64) and torch.equal(z, enc.encode(enc.preprocess(images)))
+        assert z.shape == (2, 64, 64) and torch.equal(z, enc.encode(enc.preprocess(images)))

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dit import DiTConfig
-from model import IMAGE_TOKEN, NUM_IMAGE_TOKENS, SCALE_RAE_PRESETS, ScaleRAE, ScaleRAEConfig
+from model import IMAGE_TOKEN, SCALE_RAE_PRESETS, ScaleRAE, ScaleRAEConfig
 from weights import WeightsError
 
+NUM_IMAGE_TOKENS = 256  # the test configs keep the released 16 x 16 grid (DiTConfig.input_size)
 OFFICIAL_KEYS = Path(__file__).parents[1].parent / "shared" / "reference" / "official-keys-1.5b.txt"
 
 
@@ -65,6 +66,12 @@ def test_official_config_round_trip_and_unsupported_configs():
         ScaleRAEConfig.from_official({**d, "vision_loss_mode": "block", "diffusion_norm_stats_path": "x.pt"})
     with pytest.raises(WeightsError, match="diffusion_model_depth is missing"):
         ScaleRAEConfig.from_official({k: v for k, v in d.items() if k != "diffusion_model_depth"})
+    # The token count is read from the config: 256 for the released models, 64 for the toy model, never non-square.
+    toy = tiny_config(dit=DiTConfig(hidden_size=64, depth=2, num_heads=4, in_channels=32, z_channels=48, input_size=8))
+    assert toy.to_official()["mm_vision_tower_aux_token_len_list"] == [64] and cfg.image_tokens == 256
+    assert ScaleRAEConfig.from_official(toy.to_official()) == toy and toy.image_tokens == 64
+    with pytest.raises(WeightsError, match=r"token_len_list=\[60\] \(must be a square grid\)"):
+        ScaleRAEConfig.from_official({**d, "mm_vision_tower_aux_token_len_list": [60]})
 
 
 def batch_with_images(model, L=300):
@@ -118,25 +125,28 @@ def reference_generate(model, prompt, image_start, stop, max_new):
         E = torch.cat([E, model.model.embed_tokens(token[:, None])], 1)
         if out[-1] == image_start:
             E = torch.cat([E, model.model.latent_queries[None]], 1)
-            return out, model.diff_head_projector(model(inputs_embeds=E)[0, -NUM_IMAGE_TOKENS:])
+            return out, model.diff_head_projector(model(inputs_embeds=E)[0, -model.config.image_tokens:])
         if out[-1] in stop or len(out) >= max_new:
             return out, None
 
 
 @torch.no_grad()
-def test_kv_cache_loop_equals_full_recompute_loop():
-    model = tiny_model()
+@pytest.mark.parametrize("grid", [16, 8])  # the released 16 x 16 tokens, and the toy model's 8 x 8
+def test_kv_cache_loop_equals_full_recompute_loop(grid):
+    model = tiny_model(dit=DiTConfig(hidden_size=64, depth=2, num_heads=4, in_channels=32, z_channels=48,
+                                     input_size=grid))
+    T = grid * grid
     prompt = torch.randint(0, 290, (17,)).tolist()
     free = model.generate([prompt], stop_ids=set(), image_start_id=-1, max_new_tokens=6)[0][0]
     trigger = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])  # becomes "<im_start>"
     got_ids, got_cond = model.generate([prompt], stop_ids={-5}, image_start_id=trigger, max_new_tokens=10)[0]
     ref_ids, ref_cond = reference_generate(model, prompt, trigger, {-5}, 10)
     assert got_ids == ref_ids and got_ids[-1] == trigger and len(got_ids) >= 3
-    assert got_cond.shape == (NUM_IMAGE_TOKENS, 48) and (got_cond - ref_cond).abs().max() < 1e-5
+    assert got_cond.shape == (T, 48) and (got_cond - ref_cond).abs().max() < 1e-5
     seeds = [3]
     lat = model.sample_latents(got_cond[None], seeds, steps=4)
     ref = model.sample_latents(ref_cond[None], seeds, steps=4)
-    assert lat.shape == (1, NUM_IMAGE_TOKENS, 32) and (lat - ref).abs().max() < 1e-4
+    assert lat.shape == (1, T, 32) and (lat - ref).abs().max() < 1e-4
     # Stopping: at a stop id (kept), and at max_new_tokens.
     ids, cond = model.generate([prompt], stop_ids={free[1]}, image_start_id=-1, max_new_tokens=10)[0]
     assert ids == free[:2] and cond is None
