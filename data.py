@@ -454,6 +454,15 @@ def generation_prompt(s, phrasing=0):
     return REQUESTS[phrasing % len(REQUESTS)].format(describe(s))
 
 
+def generation_answer(s):
+    """'Here are two small red circles on the left:\n<image>': the request restated before the image, where the
+    official data answers GENERATION_ANSWER. Stage 1 starts from a pretrained Qwen2.5, whose states at the latent
+    queries already carry the request; the toy LLM starts from scratch, and with the official answer its query states
+    stay alike for every prompt (cosine 0.999 after 600 steps), so the DiT learns to ignore them. Restating the
+    request (a CE target) puts its content right before <im_start>."""
+    return f"Here {'is' if s.count == 1 else 'are'} {describe(s)}:\n{IMAGE_PLACEHOLDER}"
+
+
 def random_shapes(rng, holdout=()):
     """Uniform attributes; (color, shape) pairs in `holdout` are never drawn (for compositional evaluation)."""
     if {(c, s) for c in COLORS for s in SHAPES} <= set(holdout):
@@ -515,7 +524,7 @@ def shapes_sample(seed, index, image_size=224, understanding_fraction=0.5, holdo
         meta.update(task="understanding", question=attr, answer=answer)
     else:
         conversations = [{"from": "human", "value": generation_prompt(s, rng.randrange(len(REQUESTS)))},
-                         {"from": "gpt", "value": GENERATION_ANSWER}]
+                         {"from": "gpt", "value": generation_answer(s)}]
         meta.update(task="generation")
     return dict(conversations=conversations, metadata=meta), image
 

@@ -286,6 +286,28 @@ class SigLIP2Encoder(Encoder):
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = named(layers=nn.ModuleList(SiglipLayer(cfg) for _ in range(cfg.num_hidden_layers)))
 
+    @torch.no_grad()
+    def init_weights(self):
+        """SigLIP's own initialization (transformers' SiglipPreTrainedModel), for an encoder trained or used from
+        scratch (the toy encoder). Unlike PyTorch's defaults (positions ~ N(0, 1)), image content, not position,
+        dominates the tokens: positions ~ N(0, 1/C), LeCun-normal patches, Xavier-uniform projections."""
+        emb = self.embeddings
+        nn.init.normal_(emb.position_embedding.weight, std=self.hidden_size ** -0.5)
+        fan_in = emb.patch_embedding.weight[0].numel()
+        nn.init.trunc_normal_(emb.patch_embedding.weight, std=fan_in ** -0.5 / 0.87962566103423978)  # lecun_normal
+        nn.init.zeros_(emb.patch_embedding.bias)
+        for layer in self.encoder.layers:
+            a, m = layer.self_attn, layer.mlp
+            for linear in (a.q_proj, a.k_proj, a.v_proj, a.out_proj, m.fc1, m.fc2):
+                nn.init.xavier_uniform_(linear.weight)
+            for linear in (a.q_proj, a.k_proj, a.v_proj, a.out_proj):
+                nn.init.zeros_(linear.bias)
+            for linear in (m.fc1, m.fc2):
+                nn.init.normal_(linear.bias, std=1e-6)
+            for norm in (layer.layer_norm1, layer.layer_norm2):
+                norm.reset_parameters()
+        return self
+
     @staticmethod
     def read_config(config, folder):
         cfg = from_dict(SiglipVisionConfig, config.get("vision_config", {}))  # the text tower's config is not read

@@ -308,8 +308,8 @@ def test_synthetic_samples_are_deterministic_and_match_their_attributes():
             assert np.abs(pixels[cy, cx] - data.COLORS[m["color"]]).max() <= 8  # the shape is drawn there
         human, gpt = (t["value"] for t in record["conversations"])
         if m["task"] == "generation":
-            assert gpt == data.GENERATION_ANSWER and data.describe(data.Shapes(
-                m["shape"], m["color"], m["count"], m["size"], m["position"])) in human
+            described = data.describe(data.Shapes(m["shape"], m["color"], m["count"], m["size"], m["position"]))
+            assert described in human and gpt == f"Here {'is' if m['count'] == 1 else 'are'} {described}:\n<image>"
         else:
             assert human.startswith("<image>\n") and gpt == m["answer"]
             assert gpt == ({1: "one", 2: "two", 3: "three"}[m["count"]] if m["question"] == "count" else m[m["question"]])

@@ -203,3 +203,28 @@ def test_toy_encoder_saves_the_hub_layout_and_loads_back(tmp_path):
     with torch.no_grad():
         z = back.encode(back.preprocess(images))
         assert z.shape == (2, 64, 64) and torch.equal(z, enc.encode(enc.preprocess(images)))
+
+
+def test_siglip_init_lets_image_content_dominate_the_toy_tokens():
+    """SigLIP's own initialization (positions ~ N(0, 1/C), LeCun-normal patches), not PyTorch's N(0, 1) positions:
+    the tokens of differently colored squares are further apart, so the toy latents carry the colors."""
+    import random
+
+    from data import COLORS, Shapes, render_shapes
+    from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder
+    images = [render_shapes(Shapes("square", c, 1, "large", "center"), random.Random(0), 64)[0] for c in COLORS]
+
+    def color_similarity(enc):  # mean cosine between the centre tokens of the six colors
+        with torch.no_grad():
+            t = torch.nn.functional.normalize(enc.encode(enc.preprocess(images))[:, 27], dim=-1)
+        return ((t @ t.T).sum() - len(t)) / (len(t) * (len(t) - 1))
+
+    def encoder(init):
+        torch.manual_seed(0)
+        enc = SigLIP2Encoder(ENCODER_PRESETS["toy"], ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2))
+        return enc.init_weights() if init else enc
+
+    siglip, default = encoder(True), encoder(False)
+    pos = siglip.embeddings.position_embedding.weight
+    assert abs(pos.std().item() * siglip.hidden_size ** 0.5 - 1) < 0.1 and not siglip.embeddings.patch_embedding.bias.any()
+    assert color_similarity(siglip) < color_similarity(default) - 0.03
