@@ -28,7 +28,7 @@ from tokenizer import Tokenizer, chat_prompt, train_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 HAS_XLA = importlib.util.find_spec("torch_xla") is not None
 needs_xla = pytest.mark.skipif(not HAS_XLA, reason="torch_xla is not installed (the SPMD tests use its CPU runtime)")
-SEQ_LEN = 336  # the longest tiny sample: 256 image slots + ~75 text tokens
+SEQ_LEN = 352  # the longest tiny sample: 256 image slots + ~86 text tokens
 
 # Tiny sizes, registered before train_tpu.py runs (setdefault: presets of the same name in the repo win).
 RUNNER = """
