@@ -41,14 +41,15 @@ parser.add_argument("--out", required=True, help="run folder (created; an existi
 parser.add_argument("--ship", help="copy the final model (model, tokenizer, encoder/, decoder/) into this folder")
 parser.add_argument("--samples", type=int, default=20000, help="stage-1 samples (half generation, half understanding)")
 parser.add_argument("--stage2-samples", type=int, default=4000, help="stage-2 samples (generation only)")
-parser.add_argument("--vocab", type=int, default=400, help="toy tokenizer size")
+parser.add_argument("--vocab", type=int, default=460, help="toy tokenizer size (about the most merges the captions "
+                    "support: short sequences train faster and leave the prompt fewer tokens to hide in)")
 parser.add_argument("--decoder-steps", type=int, default=1500)
 parser.add_argument("--noise-tau", type=float, default=0.1, help="decoder latent noise (RAE's 0.8 erases the colors of "
                     "64-channel toy latents: reconstructions agreed on 2 of 8 colors after 600 steps, 8 of 8 at 0.1)")
-parser.add_argument("--stage1-steps", type=int, default=1200)
-parser.add_argument("--stage2-steps", type=int, default=300)
-parser.add_argument("--batch-size", type=int, default=32)
-parser.add_argument("--seq-len", type=int, default=144, help="fits the longest toy sample (prompt + 66 image slots)")
+parser.add_argument("--stage1-steps", type=int, default=2400)
+parser.add_argument("--stage2-steps", type=int, default=400)
+parser.add_argument("--batch-size", type=int, default=16, help="stages 1 and 2 (the decoder uses 32)")
+parser.add_argument("--seq-len", type=int, default=128, help="fits the longest toy sample (prompt + 66 image slots)")
 parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every part (from scratch, the official "
                     "10x higher DiT rate is not needed)")
 parser.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts (and questions) to evaluate")
@@ -97,7 +98,7 @@ print(f"data, tokenizer ({len(tokenizer)} tokens) and encoder ready at {time.tim
 common = ["--encoder", str(out / "encoder"), "--seq-len", str(args.seq_len), "--log-every", "50"]
 # 4-6. the three training stages
 decoder = train("decoder", "decoder", "--data", paths["jsonl"], "--steps", str(args.decoder_steps),
-                "--lr", str(args.lr), "--noise-tau", str(args.noise_tau), *common)
+                "--lr", str(args.lr), "--noise-tau", str(args.noise_tau), "--batch-size", "32", *common)
 stage1 = train("1", "stage1", "--data", paths["jsonl"], "--steps", str(args.stage1_steps), "--lr", str(args.lr),
                "--diff-head-lr-scale", "1", "--tokenizer", str(out / "tokenizer"), *common)
 stage2 = train("2", "stage2", "--init", str(stage1), "--data", paths2["jsonl"], "--steps", str(args.stage2_steps),
