@@ -397,7 +397,8 @@ class ScaleRAE(Qwen2ForCausalLM):
         if image_is_target is not None:
             queries = self.model.latent_queries.to(x.dtype)[None].expand(B, -1, -1)
             fill = torch.where(image_is_target[:, None, None], queries, fill)
-        slot = (torch.arange(L, device=x.device)[None] - start[:, None]).clamp(0, self.config.image_tokens - 1)  # (B, L)
+        T = self.config.image_tokens
+        slot = (torch.arange(L, device=x.device)[None] - start[:, None]).clamp(0, T - 1)  # (B, L)
         fill = torch.gather(fill, 1, slot[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, H)
         return torch.where(is_image[..., None], fill, x)
 
