@@ -66,11 +66,11 @@ out.mkdir(parents=True)
 t0 = time.time()
 
 
-def train(stage, run, *extra):
+def train(stage, run, batch_size, *extra):
     """One train_tpu.py stage, in a subprocess (as a user would run it)."""
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="8") if args.xla else dict(os.environ)
     cmd = [sys.executable, str(ROOT / "train_tpu.py"), "--preset", "toy", "--stage", stage, "--out", str(out / run),
-           "--backend", "xla" if args.xla else "torch", "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+           "--backend", "xla" if args.xla else "torch", "--batch-size", str(batch_size), "--seed", str(args.seed),
            "--save-every", "100000", "--no-grad-ckpt", *map(str, extra)]  # toy activations are small
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=True)
@@ -97,12 +97,12 @@ print(f"data, tokenizer ({len(tokenizer)} tokens) and encoder ready at {time.tim
 
 common = ["--encoder", str(out / "encoder"), "--seq-len", str(args.seq_len), "--log-every", "50"]
 # 4-6. the three training stages
-decoder = train("decoder", "decoder", "--data", paths["jsonl"], "--steps", str(args.decoder_steps),
-                "--lr", str(args.lr), "--noise-tau", str(args.noise_tau), "--batch-size", "32", *common)
-stage1 = train("1", "stage1", "--data", paths["jsonl"], "--steps", str(args.stage1_steps), "--lr", str(args.lr),
-               "--diff-head-lr-scale", "1", "--tokenizer", str(out / "tokenizer"), *common)
-stage2 = train("2", "stage2", "--init", str(stage1), "--data", paths2["jsonl"], "--steps", str(args.stage2_steps),
-               "--lr", str(args.lr / 4), "--diff-head-lr-scale", "1", *common)
+decoder = train("decoder", "decoder", 32, "--data", paths["jsonl"], "--steps", str(args.decoder_steps),
+                "--lr", str(args.lr), "--noise-tau", str(args.noise_tau), *common)
+stage1 = train("1", "stage1", args.batch_size, "--data", paths["jsonl"], "--steps", str(args.stage1_steps),
+               "--lr", str(args.lr), "--diff-head-lr-scale", "1", "--tokenizer", str(out / "tokenizer"), *common)
+stage2 = train("2", "stage2", args.batch_size, "--init", str(stage1), "--data", paths2["jsonl"],
+               "--steps", str(args.stage2_steps), "--lr", str(args.lr / 4), "--diff-head-lr-scale", "1", *common)
 # 7. evaluate
 subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model-path", str(stage2), "--decoder-repo", str(decoder),
                 "--num-prompts", str(args.eval_prompts), "--json", str(out / "eval.json"), "--grid", str(out / "grid.png")],
