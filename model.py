@@ -46,6 +46,7 @@ class QwenConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
     tie_word_embeddings: bool = True
+    initializer_range: float = 0.02  # std of the weights of a model trained from scratch
 
     @property
     def head_dim(self):
@@ -62,9 +63,12 @@ QWEN_PRESETS = {
     "qwen2.5-1.5b": QwenConfig(),
     "qwen2.5-7b": QwenConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                              num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-    # Issue 7's toy LLM: same code path, CPU-sized; vocab_size follows the toy tokenizer.
+    # Issue 7's toy LLM: same code path, CPU-sized; vocab_size follows the toy tokenizer. Its initializer_range is
+    # 1/sqrt(width), as Qwen's 0.02 is for its 1536: with 0.02 at width 128, the latent queries (norm ~1, the official
+    # init) are 4x the token embeddings, and 0.9% of the variance of their states depends on the prompt (45% with
+    # 1/sqrt(128)), so the DiT learns to ignore its condition.
     "toy": QwenConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0),
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, initializer_range=128 ** -0.5),
 }
 
 
@@ -218,11 +222,12 @@ class Qwen2ForCausalLM(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, std=0.02):
-        """transformers' Qwen2 initialization (for training from scratch): N(0, 0.02) weights, zero biases."""
+    def init_weights(self):
+        """transformers' Qwen2 initialization (for training from scratch): N(0, initializer_range) weights, zero
+        biases."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                m.weight.normal_(0.0, std)
+                m.weight.normal_(0.0, self.config.initializer_range)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 m.bias.zero_()
 

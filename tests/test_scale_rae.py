@@ -253,6 +253,33 @@ def test_fresh_model_uses_the_official_initialization():
     assert abs(ce.item() - math.log(5000)) < 0.5
 
 
+def test_toy_llm_init_makes_the_query_states_depend_on_the_prompt():
+    """The toy preset's initializer_range (1/sqrt(128), not Qwen's 0.02) is what a fresh model is drawn with, and it
+    is why the DiT's condition depends on the prompt from the start: the share of the variance of the latent
+    queries' final states that changes with the prompt (measured: 0.9% at 0.02, 45% at 1/sqrt(128))."""
+    from dataclasses import replace
+
+    from dit import DIT_PRESETS
+    from model import QWEN_PRESETS
+
+    def prompt_share(initializer_range):
+        torch.manual_seed(0)
+        llm = replace(QWEN_PRESETS["toy"], vocab_size=460, initializer_range=initializer_range)
+        model = ScaleRAE(ScaleRAEConfig(**vars(llm), dit=DIT_PRESETS["toy"], mm_hidden_size=96)).eval()
+        assert abs(model.model.embed_tokens.weight.std().item() - initializer_range) < 0.1 * initializer_range
+        T = model.config.image_tokens
+        # 32 prompts as the toy data's: a shared template (24 tokens) around a few words (6) that differ
+        template, words = torch.randint(0, 460, (1, 24)).expand(32, -1), torch.randint(0, 460, (32, 6))
+        ids = torch.cat([template[:, :16], words, template[:, 16:], torch.full((32, T), IMAGE_TOKEN)], 1)
+        with torch.no_grad():
+            h = model(inputs_embeds=model.embed(ids, torch.zeros(32, T, 96), torch.ones(32, dtype=torch.bool)))
+        q = h[:, 30:]  # (32, T, H) the queries' states
+        return (q.var(0).sum() / (q - q.mean((0, 1))).pow(2).mean(0).sum()).item()
+
+    assert QWEN_PRESETS["toy"].initializer_range == 128 ** -0.5
+    assert prompt_share(0.02) < 0.02 and prompt_share(128 ** -0.5) > 0.15  # here: 0.4% and 31%
+
+
 def test_resize_token_embeddings_mean_initializes_the_new_rows():
     """Stage 1 from Qwen2.5: 151936 padded rows -> len(tokenizer); <im_start>, <im_end> = mean of the old rows."""
     for tie in (True, False):
