@@ -417,7 +417,9 @@ SIZES = ("small", "large")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
 ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78), "center": (0.5, 0.5)}
-SIZE_FRACTION = {"small": 0.12, "large": 0.22}  # shape side / image side
+# Shape side / image side. At 64 px (the toy model: 8 x 8 tokens of 8 px) a small shape spans more than one token:
+# at 0.12 it fit inside one, and its corners were the detail a decoder and a DiT learn last.
+SIZE_FRACTION = {"small": 0.15, "large": 0.25}
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
          "center": "in the center"}
 REQUESTS = ("Can you generate a photo of {}?", "Generate an image of {}.", "Please draw {}.", "Show me {}.",
@@ -480,7 +482,7 @@ def random_shapes(rng, holdout=()):
 
 def render_shapes(s, rng, image_size=224):
     """(image, boxes): count shapes in a row around the position's anchor, drawn at 2x and downsampled (smooth
-    edges). Rows are vertical on the left/right, horizontal elsewhere; shapes never touch (gap 0.35 x side)."""
+    edges). Rows are vertical on the left/right, horizontal elsewhere; shapes never touch (gap 0.3 x side)."""
     W = 2 * image_size
     img = Image.new("RGB", (W, W), BACKGROUNDS[s.background[0]])
     draw = ImageDraw.Draw(img)
@@ -493,7 +495,7 @@ def render_shapes(s, rng, image_size=224):
     vertical = s.position in ("left", "right")
     boxes = []
     for k in range(s.count):
-        along, across = (k - (s.count - 1) / 2) * 1.35 * side, rng.uniform(-0.02, 0.02) * W
+        along, across = (k - (s.count - 1) / 2) * 1.3 * side, rng.uniform(-0.02, 0.02) * W
         cx, cy = (ax + across, ay + along) if vertical else (ax + along, ay + across)
         x0, y0, x1, y1 = cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
         if s.shape == "circle":

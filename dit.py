@@ -71,7 +71,10 @@ DIT_PRESETS = {
     # Sizes from the official docs/Train.md. Its z_channels (3072) gives 8.19B, not 9.8B: for the released
     # checkpoint read Z from config.json (DiTConfig.from_checkpoint_config), do not trust this preset's Z.
     "dit-9.8b": DiTConfig(hidden_size=3072, depth=48, num_heads=48, z_channels=3072),
-    "toy": DiTConfig(hidden_size=128, depth=4, num_heads=4, in_channels=64, z_channels=128, input_size=8),  # issue 7
+    # Issue 7's toy DiT, on the toy encoder's 8 x 8 tokens of 96 channels. Its width is above the token width, as RAE
+    # found a DiT must be: given the true attributes as its condition, a width-128 DiT on 192-channel tokens drew
+    # the right color 26% of the time after 1200 steps, and 91% on the 96-channel ones.
+    "toy": DiTConfig(hidden_size=128, depth=4, num_heads=4, in_channels=96, z_channels=128, input_size=8),
 }
 
 

@@ -202,7 +202,7 @@ def test_toy_encoder_saves_the_hub_layout_and_loads_back(tmp_path):
     assert torch.equal(back.preprocess(images), enc.preprocess(images))
     with torch.no_grad():
         z = back.encode(back.preprocess(images))
-        assert z.shape == (2, 64, 64) and torch.equal(z, enc.encode(enc.preprocess(images)))
+        assert z.shape == (2, 64, 96) and torch.equal(z, enc.encode(enc.preprocess(images)))
 
 
 def test_siglip_init_lets_image_content_dominate_the_toy_tokens():
