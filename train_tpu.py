@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from data import SampleStream, batches, open_source
 from dit import DIT_PRESETS, dit_flops
-from encoders import load_encoder
+from encoders import load_encoder, read_encoder_config
 from model import QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
@@ -130,6 +130,18 @@ if args.stage != "2" and args.encoder is None:
     if toy:
         parser.error("--preset toy needs the toy --encoder folder (toy.py writes one)")
     args.encoder = "google/siglip2-so400m-patch14-224"
+encoder_path = args.encoder
+if args.stage == "2":  # the encoder must give the latents the model was trained on: checked on the config files
+    init_folder = resolve(args.init, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    init_config = ScaleRAEConfig.from_official(read_config(init_folder))
+    if encoder_path is None:  # stage 1's; a checkpoint may ship it in a subfolder (the toy model does)
+        shipped = init_folder / init_config.encoder
+        encoder_path = str(shipped) if shipped.is_dir() else init_config.encoder
+    _, enc, _ = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
+    latents = ((enc.image_size // enc.patch_size) ** 2, enc.hidden_size)
+    if latents != (init_config.image_tokens, init_config.mm_hidden_size):
+        parser.error(f"the encoder {encoder_path} gives {latents[0]} tokens of {latents[1]} channels; the model in "
+                     f"{args.init} was trained on {init_config.image_tokens} of {init_config.mm_hidden_size}")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup: backend, devices, mesh, run folder
@@ -226,14 +238,9 @@ if USE_XLA:
 # ----------------------------------------------------------------------------------------------------------------
 # Model: what is trained, what is frozen, the loss of one batch
 
-encoder_path = args.encoder
 if args.stage == "2":
-    folder = resolve(args.init, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    model = ScaleRAE.from_pretrained(folder)
-    tokenizer = Tokenizer.from_dir(args.tokenizer or folder)
-    if encoder_path is None:  # stage 1's; a checkpoint may ship it in a subfolder (the toy model does)
-        shipped = folder / model.config.encoder
-        encoder_path = str(shipped) if shipped.is_dir() else model.config.encoder
+    model = ScaleRAE.from_pretrained(init_folder)
+    tokenizer = Tokenizer.from_dir(args.tokenizer or init_folder)
 encoder = load_encoder(encoder_path)  # frozen: eval mode, requires_grad False; replicated over the devices
 
 if args.stage == "1":

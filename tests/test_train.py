@@ -143,6 +143,16 @@ def test_stage2_overfits_new_images_from_the_stage1_export(assets, stage1, tmp_p
     assert mean(loss[s] for s in range(81, 101)) < 0.7 * mean(loss[s] for s in range(1, 21))
 
 
+def test_stage2_refuses_an_encoder_its_model_was_not_trained_on(assets, stage1, tmp_path):
+    cfg = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=32, patch_size=2)
+    SigLIP2Encoder(cfg, ImageProcessing((32, 32), (0.5,) * 3, (0.5,) * 3)).save_pretrained(tmp_path / "encoder16")
+    run = train(dict(assets, encoder=str(tmp_path / "encoder16")), tmp_path / "stage2", "2", 10, "--init",
+                stage1 / "export", check=False)
+    assert run.returncode == 2 and "256 tokens of 16 channels" in run.stderr and "256 of 32" in run.stderr, run.stderr
+    assert not (tmp_path / "stage2").exists()  # refused before the run folder is made (a fixed rerun is not blocked)
+
+
 @pytest.fixture(scope="module")
 def decoder(assets, tmp_path_factory):  # reads the WebDataset tars
     out = tmp_path_factory.mktemp("runs") / "decoder"
