@@ -518,13 +518,17 @@ class ScaleRAE(Qwen2ForCausalLM):
         tmp.rename(folder)
 
 
+TOY_MODEL = Path(__file__).parent / "toy"  # the toy model shipped with the repository (toy.py --ship); path "toy"
+
+
 def load_pipeline(path, decoder=None, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer, rae) of a Scale-RAE checkpoint, a Hub id or a local folder.
+    """(model, tokenizer, rae) of a Scale-RAE checkpoint, a Hub id or a local folder; "toy" is the shipped toy model
+    (TOY_MODEL), from any working directory.
 
     The RAE decoder defaults to the one released for the model's encoder (rae.DECODER_FOR_ENCODER). A checkpoint may
     ship its own parts, as the toy model does: an encoder path relative to its folder, and a `decoder/` subfolder.
     The encoder itself is loaded only when an image is read (understanding)."""
-    folder = resolve(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    folder = resolve(TOY_MODEL if str(path) == "toy" else path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     model = ScaleRAE.from_pretrained(folder, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(folder)
     encoder = model.config.encoder
