@@ -90,6 +90,11 @@ ENCODER_PRESETS = {
 }
 
 
+def num_tokens(cfg):
+    """Latent tokens of an encoder config: one per patch (256 for SigLIP-2 at 224 px, patch 14)."""
+    return (cfg.image_size // cfg.patch_size) ** 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Images in: files and PIL images to normalized pixel tensors
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ class Encoder(nn.Module):
         self.config, self.processing = cfg, processing
         self.hidden_size, self.image_size = cfg.hidden_size, cfg.image_size
         self.image_mean, self.image_std = processing.image_mean, processing.image_std
-        self.num_tokens = (cfg.image_size // cfg.patch_size) ** 2
+        self.num_tokens = num_tokens(cfg)
 
     def preprocess(self, images):  # list of PIL images -> (B, 3, image_size, image_size) float32
         return self.processing(images)

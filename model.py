@@ -521,6 +521,12 @@ class ScaleRAE(Qwen2ForCausalLM):
 TOY_MODEL = Path(__file__).parent / "toy"  # the toy model shipped with the repository (toy.py --ship); path "toy"
 
 
+def checkpoint_encoder(folder, config):
+    """The encoder a checkpoint was trained on: the subfolder it ships (the toy model's), else config.encoder."""
+    shipped = Path(folder) / config.encoder
+    return str(shipped) if shipped.is_dir() else config.encoder
+
+
 def load_pipeline(path, decoder=None, dtype=torch.float32, device="cpu"):
     """(model, tokenizer, rae) of a Scale-RAE checkpoint, a Hub id or a local folder; "toy" is the shipped toy model
     (TOY_MODEL), from any working directory.
@@ -531,9 +537,7 @@ def load_pipeline(path, decoder=None, dtype=torch.float32, device="cpu"):
     folder = resolve(TOY_MODEL if str(path) == "toy" else path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     model = ScaleRAE.from_pretrained(folder, dtype=dtype, device=device)
     tokenizer = Tokenizer.from_dir(folder)
-    encoder = model.config.encoder
-    if (folder / encoder).is_dir():
-        encoder = str(folder / encoder)
+    encoder = checkpoint_encoder(folder, model.config)
     if decoder is None:
         decoder = str(folder / "decoder") if (folder / "decoder").is_dir() else DECODER_FOR_ENCODER.get(encoder)
     if decoder is None:

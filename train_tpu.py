@@ -61,8 +61,8 @@ import torch.nn.functional as F
 
 from data import SampleStream, batches, open_source
 from dit import DIT_PRESETS, dit_flops
-from encoders import load_encoder, read_encoder_config
-from model import QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig
+from encoders import load_encoder, num_tokens, read_encoder_config
+from model import QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig, checkpoint_encoder
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
 from weights import read_config, resolve
@@ -134,11 +134,9 @@ encoder_path = args.encoder
 if args.stage == "2":  # the encoder must give the latents the model was trained on: checked on the config files
     init_folder = resolve(args.init, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     init_config = ScaleRAEConfig.from_official(read_config(init_folder))
-    if encoder_path is None:  # stage 1's; a checkpoint may ship it in a subfolder (the toy model does)
-        shipped = init_folder / init_config.encoder
-        encoder_path = str(shipped) if shipped.is_dir() else init_config.encoder
+    encoder_path = encoder_path or checkpoint_encoder(init_folder, init_config)  # default: stage 1's
     _, enc, _ = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
-    latents = ((enc.image_size // enc.patch_size) ** 2, enc.hidden_size)
+    latents = (num_tokens(enc), enc.hidden_size)
     if latents != (init_config.image_tokens, init_config.mm_hidden_size):
         parser.error(f"the encoder {encoder_path} gives {latents[0]} tokens of {latents[1]} channels; the model in "
                      f"{args.init} was trained on {init_config.image_tokens} of {init_config.mm_hidden_size}")

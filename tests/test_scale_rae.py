@@ -273,7 +273,7 @@ def test_toy_llm_init_makes_the_query_states_depend_on_the_prompt():
         ids = torch.cat([template[:, :16], words, template[:, 16:], torch.full((32, T), IMAGE_TOKEN)], 1)
         with torch.no_grad():
             h = model(inputs_embeds=model.embed(ids, torch.zeros(32, T, 96), torch.ones(32, dtype=torch.bool)))
-        q = h[:, 30:]  # (32, T, H) the queries' states
+        q = h[:, -T:]  # (32, T, H) the queries' states
         return (q.var(0).sum() / (q - q.mean((0, 1))).pow(2).mean(0).sum()).item()
 
     assert QWEN_PRESETS["toy"].initializer_range == 128 ** -0.5
