@@ -686,6 +686,8 @@ def analyze_shapes(image):
     for k in keep:
         component = labels == k
         a = np.where(_dilate(component) & ~(mask & ~component), alpha, 0)  # never another shape's pixels
+        if not a.any():  # a shape of another color (generated images): measured on its own pixels
+            a = component.astype(np.float32)
         cols, rows = a.max(0), a.max(1)
         width, height = cols.sum(), rows.sum()
         votes[shape_class(a.sum() / (width * height))] += 1 + a.sum() / (h * w)  # a vote per shape; area breaks ties

@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+import warnings
 from collections import Counter, deque
 from pathlib import Path
 
@@ -88,6 +89,12 @@ def test_analyzer_ignores_specks_and_reads_an_empty_image_as_nothing():
     a[200, 100] = data.COLORS["blue"]
     found = analyze_shapes(Image.fromarray(a))
     assert found == dict(color="green", shape="circle", position="right", count=2, size="large")
+    # A second shape of another color (generated images have them) is counted and measured on its own pixels.
+    a[0:40, 150:190] = (180, 60, 240)  # nearest purple; no blend of green
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it once measured 0 coverage: a division by zero and a NaN position
+        found = analyze_shapes(Image.fromarray(a))
+    assert found == dict(color="green", shape="circle", position="right", count=3, size="large")
     assert analyze_shapes(Image.new("RGB", (64, 64), data.BACKGROUNDS["cream"])) == dict(
         color=None, shape=None, position=None, count=0, size=None)
 
