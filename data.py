@@ -417,9 +417,14 @@ SIZES = ("small", "large")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
 ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78), "center": (0.5, 0.5)}
-# Shape side / image side. At 64 px (the toy model: 8 x 8 tokens of 8 px) a small shape spans more than one token:
-# at 0.12 it fit inside one, and its corners were the detail a decoder and a DiT learn last.
-SIZE_FRACTION = {"small": 0.15, "large": 0.25}
+# Shapes sit on a GRID x GRID grid of cells (at 64 px: the toy encoder's 8 x 8 tokens of 8 px): a small shape fills
+# one cell, a large one 2 x 2, one empty cell apart, and a two-tone background splits on a cell edge. So a token holds
+# a background, a whole small shape or a quarter of a large one, and nothing else: a small vocabulary of token
+# contents that a toy DiT learns. (Shapes at any offset made it draw token-sized blobs: shape at chance even with
+# the true attributes as its condition.)
+GRID = 8
+SIZE_CELLS = {"small": 1, "large": 2}
+SIZE_FRACTION = {s: n / GRID for s, n in SIZE_CELLS.items()}  # side / image side, as the analyzer reads it
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
          "center": "in the center"}
 REQUESTS = ("Can you generate a photo of {}?", "Generate an image of {}.", "Please draw {}.", "Show me {}.",
@@ -480,31 +485,40 @@ def random_shapes(rng, holdout=()):
                   rng.choice(("vertical", "horizontal")))
 
 
+def layout(s):
+    """The grid cells of s's shapes (top-left corners (x0, y0)): a row of s.count shapes one cell apart, vertical on
+    the left/right and horizontal elsewhere, centered on the position's anchor. One layout per (count, size,
+    position): on an 8 x 8 token grid any offset moves whole tokens, and with three offsets the toy DiT put shape
+    tokens at all of them."""
+    n = SIZE_CELLS[s.size]
+    ax, ay = ANCHORS[s.position]
+    vertical = s.position in ("left", "right")
+    across = round((ax if vertical else ay) * GRID - n / 2)
+    start = round((ay if vertical else ax) * GRID - (s.count * n + s.count - 1) / 2)
+    return [(across, start + k * (n + 1)) if vertical else (start + k * (n + 1), across) for k in range(s.count)]
+
+
 def render_shapes(s, rng, image_size=224):
-    """(image, boxes): count shapes in a row around the position's anchor, drawn at 2x and downsampled (smooth
-    edges). Rows are vertical on the left/right, horizontal elsewhere; shapes never touch (gap 0.3 x side)."""
-    W = 2 * image_size
+    """(image, boxes): s drawn on its grid layout at 2x and downsampled (smooth edges)."""
+    W, cell = 2 * image_size, 2 * image_size / GRID
     img = Image.new("RGB", (W, W), BACKGROUNDS[s.background[0]])
     draw = ImageDraw.Draw(img)
     if s.split == "vertical":
-        draw.rectangle((rng.uniform(0.35, 0.65) * W, 0, W, W), fill=BACKGROUNDS[s.background[1]])
+        draw.rectangle((rng.randint(3, 5) * cell, 0, W, W), fill=BACKGROUNDS[s.background[1]])
     elif s.split == "horizontal":
-        draw.rectangle((0, rng.uniform(0.35, 0.65) * W, W, W), fill=BACKGROUNDS[s.background[1]])
-    side = SIZE_FRACTION[s.size] * W
-    ax, ay = ((a + rng.uniform(-0.04, 0.04)) * W for a in ANCHORS[s.position])
-    vertical = s.position in ("left", "right")
+        draw.rectangle((0, rng.randint(3, 5) * cell, W, W), fill=BACKGROUNDS[s.background[1]])
+    side = SIZE_CELLS[s.size] * cell
     boxes = []
-    for k in range(s.count):
-        along, across = (k - (s.count - 1) / 2) * 1.3 * side, rng.uniform(-0.02, 0.02) * W
-        cx, cy = (ax + across, ay + along) if vertical else (ax + along, ay + across)
-        x0, y0, x1, y1 = cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
+    for cx0, cy0 in layout(s):
+        x0, y0 = cx0 * cell, cy0 * cell
+        x1, y1 = x0 + side - 1, y0 + side - 1  # PIL's boxes include their last pixel: the shape stays in its cells
         if s.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=COLORS[s.color])
         elif s.shape == "square":
             draw.rectangle((x0, y0, x1, y1), fill=COLORS[s.color])
         else:
-            draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=COLORS[s.color])
-        boxes.append([round(v / 2) for v in (x0, y0, x1, y1)])
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=COLORS[s.color])
+        boxes.append([round(v / 2) for v in (x0, y0, x0 + side, y0 + side)])
     return img.resize((image_size, image_size), Image.LANCZOS), boxes
 
 

@@ -3,8 +3,9 @@ resume, batches, and the synthetic shapes dataset. Real Qwen2.5 vocabulary, tiny
 
 import io
 import json
+import random
 import tarfile
-from itertools import islice
+from itertools import combinations, islice, product
 
 import numpy as np
 import pytest
@@ -316,6 +317,28 @@ def test_synthetic_samples_are_deterministic_and_match_their_attributes():
     assert seen >= set(data.SHAPES) | set(data.COLORS) | set(data.POSITIONS) | {1, 2, 3, "generation", "understanding"}
     assert data.shapes_sample(12, 0)[0] != data.shapes_sample(11, 0)[0]
     assert data.describe(data.Shapes("circle", "red", 2, "small", "left")) == "two small red circles on the left"
+
+
+def test_shapes_sit_on_the_token_grid():
+    """Every (count, size, position) layout: boxes on cell edges (at 64 px the cells are the toy encoder's 8 x 8
+    tokens), inside the image, at least one cell apart; a two-tone split on a cell edge. So each cell shows one
+    background tone, alone or under one shape: the small vocabulary of token contents a toy DiT can learn."""
+    cell = 64 // data.GRID
+    for count, size, position, shape in product((1, 2, 3), data.SIZES, data.POSITIONS, data.SHAPES):
+        s = data.Shapes(shape, "red", count, size, position, ("cream", "pale blue"), "vertical")
+        image, boxes = data.render_shapes(s, random.Random(count), 64)
+        assert all(v % cell == 0 and 0 <= v <= 64 for box in boxes for v in box), boxes
+        for a, b in combinations(boxes, 2):
+            assert max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) >= cell, boxes
+        covered = {(x // cell, y // cell) for x0, y0, x1, y1 in boxes for x in range(x0, x1) for y in range(y0, y1)}
+        pixels = np.asarray(image, dtype=np.float32)
+        for cx, cy in product(range(data.GRID), repeat=2):
+            c = pixels[cy * cell:(cy + 1) * cell, cx * cell:(cx + 1) * cell]  # (8, 8, 3)
+            if (cx, cy) in covered:  # blends of the shape's color and a background (smooth edges)
+                assert data.blend(c, data.COLORS["red"])[1].max() <= 40 ** 2, (s, cx, cy)
+            else:  # one background tone, up to the resampling's ringing next to an edge
+                tones = [np.abs(c - data.BACKGROUNDS[b]).max() for b in s.background]
+                assert min(tones) <= 40, (s, cx, cy, tones)
 
 
 def test_holdout_pairs_are_never_drawn():
