@@ -407,21 +407,32 @@ class ScaleRAE(Qwen2ForCausalLM):
         fill = torch.gather(fill, 1, slot[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, H)
         return torch.where(is_image[..., None], fill, x)
 
-    def training_loss(self, input_ids, labels, image_features, image_is_target, vision_coef=2.0):
+    def training_loss(self, input_ids, labels, image_features, image_is_target, vision_coef=2.0, timesteps_per_image=1,
+                      static_shapes=True):
         """(loss, ce, diff): token-mean cross-entropy over labelled tokens + vision_coef x the mean rectified-flow
         loss of the answer images. The condition of answer image token n is the post-norm hidden state AT query n
-        (no shift); the last query also predicts <im_end> through the LM head (official query mode)."""
+        (no shift); the last query also predicts <im_end> through the LM head (official query mode).
+        timesteps_per_image K > 1 is the official K-tiling (diffusion_timesteps_per_sample): each image is noised at K
+        timesteps and its loss is their mean, K DiT passes for one LLM pass (the released runs use K = 1).
+        static_shapes: the DiT runs on every row and a mask keeps only the answer images, as the official code does
+        (XLA compiles one graph); False runs it on the answer images alone (eager PyTorch: no work thrown away)."""
         h = self(inputs_embeds=self.embed(input_ids, image_features, image_is_target))  # (B, L, H)
         logits = self.logits(h[:, :-1])  # (B, L-1, V) float32
         targets = labels[:, 1:]
         ce_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         ce = ce_sum / (targets != -100).sum().clamp(min=1)  # a batch without labels gives 0, not NaN
+        if not static_shapes:
+            rows = image_is_target.nonzero()[:, 0]
+            input_ids, h, image_features, image_is_target = (v[rows] for v in (input_ids, h, image_features,
+                                                                                image_is_target))
         start = (input_ids == IMAGE_TOKEN).int().argmax(1)
         idx = (start[:, None] + torch.arange(self.config.image_tokens, device=h.device)).clamp(max=h.shape[1] - 1)
         h_img = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, 256, H)
-        per_image = self.diff_head.loss(image_features, self.diff_head_projector(h_img))  # (B,)
+        K = timesteps_per_image
+        cond = self.diff_head_projector(h_img).repeat_interleave(K, 0)  # (B*K, 256, Z)
+        per_image = self.diff_head.loss(image_features.repeat_interleave(K, 0), cond).view(-1, K).mean(1)  # (B,)
         w = image_is_target.to(per_image.dtype)
-        diff = (per_image * w).sum() / (w.sum() + 1e-8)  # the DiT runs on every row; the mask keeps shapes static
+        diff = (per_image * w).sum() / (w.sum() + 1e-8)  # 0 when no row has an answer image
         return ce + vision_coef * diff, ce, diff
 
     @torch.no_grad()

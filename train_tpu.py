@@ -102,6 +102,8 @@ parser.add_argument("--warmup-ratio", type=float, help="linear warmup over ceil(
 parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="the cosine ends at this fraction of the lr")
 parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping")
 parser.add_argument("--vision-coef", type=float, default=2.0, help="loss = CE + vision_coef x diffusion loss")
+parser.add_argument("--diffusion-timesteps-per-sample", type=int, default=1, help="stages 1 and 2: K timesteps per "
+                    "image (official K-tiling: K DiT passes per LLM pass; the released runs use 1)")
 parser.add_argument("--noise-tau", type=float, default=0.8, help="decoder: latent noise sigma ~ U(0, tau) (RAE)")
 parser.add_argument("--no-grad-ckpt", action="store_true", help="keep activations instead of recomputing them")
 parser.add_argument("--seed", type=int, default=0)
@@ -124,6 +126,8 @@ if args.stage == "1" and args.init and args.llm:
 if args.stage == "1" and not args.init:
     args.llm = args.llm or ("toy" if toy else None)
     args.init = None if args.llm else "Qwen/Qwen2.5-1.5B-Instruct"
+if args.diffusion_timesteps_per_sample < 1:
+    parser.error(f"--diffusion-timesteps-per-sample must be >= 1, got {args.diffusion_timesteps_per_sample}")
 if args.stage == "2" and args.init is None:
     parser.error("--stage 2 starts from a stage-1 export: pass --init")
 if args.stage != "2" and args.encoder is None:
@@ -284,7 +288,8 @@ else:
         with torch.no_grad():
             features = encoder.encode(batch["pixel_values"])  # (B, T, C) frozen latents: input and target
         loss, ce, diff = model.training_loss(batch["input_ids"], batch["labels"], features, batch["image_is_target"],
-                                             args.vision_coef)
+                                             args.vision_coef, args.diffusion_timesteps_per_sample,
+                                             static_shapes=USE_XLA)
         return loss, dict(ce=ce, diff=diff)
 
 model.train()  # the DiT's CFG condition dropout is on in training mode

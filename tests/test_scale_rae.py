@@ -115,6 +115,39 @@ def test_training_loss_routes_gradients_like_the_official_model():
     assert ce == 0
 
 
+def test_k_tiling_averages_the_diffusion_loss_over_k_timesteps():
+    """Official K-tiling (diffusion_timesteps_per_sample): each answer image is noised at K timesteps and its loss is
+    their mean. Same expectation as K = 1, lower variance across draws; CE is untouched."""
+    model = tiny_model().train()
+    ids, labels, feats, target = batch_with_images(model)
+    with torch.no_grad():
+        runs = {}
+        for K in (1, 4):
+            torch.manual_seed(0)
+            runs[K] = torch.stack([torch.stack(model.training_loss(ids, labels, feats, target, timesteps_per_image=K))
+                                   for _ in range(40)])  # (40, 3): loss, ce, diff
+    assert torch.equal(runs[1][:, 1], runs[4][:, 1])
+    diff1, diff4 = runs[1][:, 2], runs[4][:, 2]
+    assert abs(diff4.mean() - diff1.mean()) < 2 * diff1.std() / 40 ** 0.5
+    assert diff4.std() < 0.7 * diff1.std(), (diff4.std(), diff1.std())  # 1/sqrt(4) = 0.5 in expectation
+
+
+def test_dynamic_shapes_run_the_dit_on_the_answer_images_alone():
+    """static_shapes=False (eager PyTorch) skips the DiT on rows without an answer image: its diffusion loss is the
+    one of the batch's answer images on their own, with the same draws; CE is the whole batch's."""
+    model = tiny_model().train()
+    ids, labels, feats, target = batch_with_images(model)
+    torch.manual_seed(0)
+    loss, ce, diff = model.training_loss(ids, labels, feats, target, timesteps_per_image=2, static_shapes=False)
+    torch.manual_seed(0)
+    _, _, alone = model.training_loss(ids[1:2], labels[1:2], feats[1:2], target[1:2], timesteps_per_image=2)
+    _, ce_static, _ = model.training_loss(ids, labels, feats, target)
+    assert torch.allclose(diff, alone, rtol=1e-5) and torch.allclose(ce, ce_static, rtol=1e-5)
+    assert torch.isclose(loss, ce + 2.0 * diff)
+    no_answer = torch.zeros(3, dtype=torch.bool)
+    assert model.training_loss(ids, labels, feats, no_answer, static_shapes=False)[2] == 0
+
+
 def reference_generate(model, prompt, image_start, stop, max_new):
     """The official greedy loop: no KV cache, the whole sequence re-run every step, break right after the image."""
     E = model.model.embed_tokens(torch.tensor([prompt]))

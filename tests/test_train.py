@@ -138,7 +138,9 @@ def test_stage1_overfits_and_exports(stage1):
 
 
 def test_stage2_overfits_new_images_from_the_stage1_export(assets, stage1, tmp_path):
-    train(assets, tmp_path / "stage2", "2", 100, *FAST, "--init", stage1 / "export", "--lr", "3e-3")
+    """With the official K-tiling on (2 timesteps per image), as toy.py trains."""
+    train(assets, tmp_path / "stage2", "2", 100, *FAST, "--init", stage1 / "export", "--lr", "3e-3",
+          "--diffusion-timesteps-per-sample", 2)
     loss = losses(tmp_path / "stage2")
     assert mean(loss[s] for s in range(81, 101)) < 0.7 * mean(loss[s] for s in range(1, 21))
 
@@ -151,6 +153,12 @@ def test_stage2_refuses_an_encoder_its_model_was_not_trained_on(assets, stage1, 
                 stage1 / "export", check=False)
     assert run.returncode == 2 and "256 tokens of 16 channels" in run.stderr and "256 of 32" in run.stderr, run.stderr
     assert not (tmp_path / "stage2").exists()  # refused before the run folder is made (a fixed rerun is not blocked)
+
+
+def test_bad_k_tiling_is_refused_before_any_work(assets, tmp_path):
+    run = train(assets, tmp_path / "run", "1", 10, "--diffusion-timesteps-per-sample", 0, check=False)
+    assert run.returncode == 2 and "--diffusion-timesteps-per-sample must be >= 1, got 0" in run.stderr, run.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")
