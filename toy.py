@@ -4,7 +4,8 @@
     python toy.py --out runs/toy --ship toy       # ... then copy the trained model into the repository's toy/
 
 Same code paths as the real model, only sizes differ (the `toy` presets of model.py, dit.py, rae.py, encoders.py):
-  1. data       synthetic captioned shapes (data.py) at 64 px in the official JSONL format: generation samples
+  1. data       synthetic captioned shapes (data.py) at 64 px on the encoder's 8 x 8 token grid (a small shape
+                fills one token, a large one 2 x 2), in the official JSONL format: generation samples
                 ("Can you generate X?" -> "Here is X:\\n<image>", data.generation_answer) mixed with understanding
                 samples (image + question -> one word), as stage 1 mixes both tasks. The (color, shape) pairs of
                 data.TOY_HOLDOUT are never shown, so the evaluation can measure compositional generalization.
@@ -42,7 +43,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--out", required=True, help="run folder (created; an existing one is refused)")
 parser.add_argument("--ship", help="copy the final model (model, tokenizer, encoder/, decoder/) into this folder")
 parser.add_argument("--samples", type=int, default=20000, help="stage-1 samples (half generation, half understanding)")
-parser.add_argument("--stage2-samples", type=int, default=4000, help="stage-2 samples (generation only)")
+parser.add_argument("--stage2-samples", type=int, default=6000, help="stage-2 samples (generation only)")
 parser.add_argument("--vocab", type=int, default=460, help="toy tokenizer size (about the most merges the captions "
                     "support: short sequences train faster and leave the prompt fewer tokens to hide in)")
 parser.add_argument("--decoder-steps", type=int, default=1500)
@@ -51,7 +52,10 @@ parser.add_argument("--decoder-lr", type=float, default=3e-3, help="measured at 
 parser.add_argument("--noise-tau", type=float, default=0.1, help="decoder latent noise (RAE's 0.8 erased the colors of "
                     "64-channel toy latents: reconstructions agreed on 2 of 8 colors after 600 steps, 8 of 8 at 0.1)")
 parser.add_argument("--stage1-steps", type=int, default=2400)
-parser.add_argument("--stage2-steps", type=int, default=400)
+parser.add_argument("--stage2-steps", type=int, default=600, help="generation only: each step trains the DiT on twice "
+                    "the images of a stage-1 step")
+parser.add_argument("--diffusion-timesteps-per-sample", type=int, default=2, help="stages 1 and 2: official K-tiling, "
+                    "K DiT passes per LLM pass (K=2: twice the DiT training, 17%% more time per stage-1 step)")
 parser.add_argument("--batch-size", type=int, default=16, help="stages 1 and 2 (the decoder uses 32)")
 parser.add_argument("--seq-len", type=int, help="default: the longest toy sample (prompt + 66 image slots), rounded up "
                     "to a multiple of 64 (128 at the default vocabulary)")
@@ -107,13 +111,14 @@ print(f"data, tokenizer ({len(tokenizer)} tokens; sequence length {args.seq_len}
       f"{time.time() - t0:.0f}s", flush=True)
 
 common = ["--encoder", str(out / "encoder"), "--seq-len", str(args.seq_len), "--log-every", "50"]
+llm_dit = ["--diff-head-lr-scale", "1", "--diffusion-timesteps-per-sample", str(args.diffusion_timesteps_per_sample)]
 # 4-6. the three training stages
 decoder = train("decoder", "decoder", 32, "--data", paths["jsonl"], "--steps", str(args.decoder_steps),
                 "--lr", str(args.decoder_lr), "--noise-tau", str(args.noise_tau), *common)
 stage1 = train("1", "stage1", args.batch_size, "--data", paths["jsonl"], "--steps", str(args.stage1_steps),
-               "--lr", str(args.lr), "--diff-head-lr-scale", "1", "--tokenizer", str(out / "tokenizer"), *common)
+               "--lr", str(args.lr), "--tokenizer", str(out / "tokenizer"), *llm_dit, *common)
 stage2 = train("2", "stage2", args.batch_size, "--init", str(stage1), "--data", paths2["jsonl"],
-               "--steps", str(args.stage2_steps), "--lr", str(args.lr / 4), "--diff-head-lr-scale", "1", *common)
+               "--steps", str(args.stage2_steps), "--lr", str(args.lr / 4), *llm_dit, *common)
 # 7. evaluate
 subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model-path", str(stage2), "--decoder-repo", str(decoder),
                 "--num-prompts", str(args.eval_prompts), "--json", str(out / "eval.json"), "--grid", str(out / "grid.png")],
