@@ -43,7 +43,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--out", required=True, help="run folder (created; an existing one is refused)")
 parser.add_argument("--ship", help="copy the final model (model, tokenizer, encoder/, decoder/) into this folder")
 parser.add_argument("--samples", type=int, default=20000, help="stage-1 samples (half generation, half understanding)")
-parser.add_argument("--stage2-samples", type=int, default=6000, help="stage-2 samples (generation only)")
+parser.add_argument("--stage2-samples", type=int, default=10000, help="stage-2 samples (generation only)")
 parser.add_argument("--vocab", type=int, default=460, help="toy tokenizer size (about the most merges the captions "
                     "support: short sequences train faster and leave the prompt fewer tokens to hide in)")
 parser.add_argument("--decoder-steps", type=int, default=1500)
@@ -51,8 +51,8 @@ parser.add_argument("--decoder-lr", type=float, default=3e-3, help="measured at 
                     "read back right 69%% of the time at 1e-3, 88%% at 3e-3")
 parser.add_argument("--noise-tau", type=float, default=0.1, help="decoder latent noise (RAE's 0.8 erased the colors of "
                     "64-channel toy latents: reconstructions agreed on 2 of 8 colors after 600 steps, 8 of 8 at 0.1)")
-parser.add_argument("--stage1-steps", type=int, default=2400)
-parser.add_argument("--stage2-steps", type=int, default=600, help="generation only: each step trains the DiT on twice "
+parser.add_argument("--stage1-steps", type=int, default=2000)
+parser.add_argument("--stage2-steps", type=int, default=1000, help="generation only: each step trains the DiT on twice "
                     "the images of a stage-1 step")
 parser.add_argument("--diffusion-timesteps-per-sample", type=int, default=2, help="stages 1 and 2: official K-tiling, "
                     "K DiT passes per LLM pass (K=2: twice the DiT training, 17%% more time per stage-1 step)")
@@ -61,6 +61,7 @@ parser.add_argument("--seq-len", type=int, help="default: the longest toy sample
                     "to a multiple of 64 (128 at the default vocabulary)")
 parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every part (from scratch, the official "
                     "10x higher DiT rate is not needed)")
+parser.add_argument("--stage2-lr", type=float, help="default: --lr / 2")
 parser.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts (and questions) to evaluate")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--xla", action="store_true", help="train through torch_xla's CPU runtime (8 virtual devices)")
@@ -118,7 +119,7 @@ decoder = train("decoder", "decoder", 32, "--data", paths["jsonl"], "--steps", s
 stage1 = train("1", "stage1", args.batch_size, "--data", paths["jsonl"], "--steps", str(args.stage1_steps),
                "--lr", str(args.lr), "--tokenizer", str(out / "tokenizer"), *llm_dit, *common)
 stage2 = train("2", "stage2", args.batch_size, "--init", str(stage1), "--data", paths2["jsonl"],
-               "--steps", str(args.stage2_steps), "--lr", str(args.lr / 4), *llm_dit, *common)
+               "--steps", str(args.stage2_steps), "--lr", str(args.stage2_lr or args.lr / 2), *llm_dit, *common)
 # 7. evaluate
 subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model-path", str(stage2), "--decoder-repo", str(decoder),
                 "--num-prompts", str(args.eval_prompts), "--json", str(out / "eval.json"), "--grid", str(out / "grid.png")],
