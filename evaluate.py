@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes, analyze_shapes,
+from shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes, analyze_shapes,
                   generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
 from sample import check_sampling_args, load
 from weights import write_atomic

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-import data
+from data import encode_conversation
 from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder
+from shapes import TOY_HOLDOUT, write_shapes_dataset
 from tokenizer import chat_prompt, train_tokenizer
 
 ROOT = Path(__file__).parent
@@ -89,12 +90,11 @@ def train(stage, run, batch_size, *extra):
 
 
 # 1. data
-paths = data.write_shapes_dataset(out / "shapes", args.samples, seed=args.seed, image_size=64,
-                                  holdout=data.TOY_HOLDOUT, formats=("jsonl",))
-paths2 = data.write_shapes_dataset(out / "shapes2", args.stage2_samples, seed=args.seed + 1, image_size=64,
-                                   understanding_fraction=0.0, holdout=data.TOY_HOLDOUT, formats=("jsonl",))
+jsonl = write_shapes_dataset(out / "shapes", args.samples, seed=args.seed, image_size=64, holdout=TOY_HOLDOUT)
+jsonl2 = write_shapes_dataset(out / "shapes2", args.stage2_samples, seed=args.seed + 1, image_size=64,
+                              understanding_fraction=0.0, holdout=TOY_HOLDOUT)
 # 2. tokenizer
-texts = [c["value"] for line in open(paths["jsonl"]) for c in json.loads(line)["conversations"]]
+texts = [c["value"] for line in open(jsonl) for c in json.loads(line)["conversations"]]
 tokenizer = train_tokenizer(texts + [chat_prompt("")], args.vocab)
 (out / "tokenizer").mkdir()
 tokenizer.save(out / "tokenizer")
@@ -104,8 +104,8 @@ encoder = SigLIP2Encoder(ENCODER_PRESETS["toy"], ImageProcessing((64, 64), (0.5,
 encoder.init_weights()  # SigLIP's init: image content, not the position embedding, dominates the tokens
 encoder.save_pretrained(out / "encoder")
 if args.seq_len is None:  # a smaller vocabulary means longer prompts; a sample longer than L would be skipped
-    records = [json.loads(line) for p in (paths["jsonl"], paths2["jsonl"]) for line in open(p)]
-    longest = max(len(data.encode_conversation(tokenizer, r["conversations"], True, 1 << 30, encoder.num_tokens)[0])
+    records = [json.loads(line) for p in (jsonl, jsonl2) for line in open(p)]
+    longest = max(len(encode_conversation(tokenizer, r["conversations"], True, 1 << 30, encoder.num_tokens)[0])
                   for r in records)
     args.seq_len = -(-longest // 64) * 64
 print(f"data, tokenizer ({len(tokenizer)} tokens; sequence length {args.seq_len}) and encoder ready at "
@@ -114,11 +114,11 @@ print(f"data, tokenizer ({len(tokenizer)} tokens; sequence length {args.seq_len}
 common = ["--encoder", str(out / "encoder"), "--seq-len", str(args.seq_len), "--log-every", "50"]
 llm_dit = ["--diff-head-lr-scale", "1", "--diffusion-timesteps-per-sample", str(args.diffusion_timesteps_per_sample)]
 # 4-6. the three training stages
-decoder = train("decoder", "decoder", 32, "--data", paths["jsonl"], "--steps", str(args.decoder_steps),
+decoder = train("decoder", "decoder", 32, "--data", jsonl, "--steps", str(args.decoder_steps),
                 "--lr", str(args.decoder_lr), "--noise-tau", str(args.noise_tau), *common)
-stage1 = train("1", "stage1", args.batch_size, "--data", paths["jsonl"], "--steps", str(args.stage1_steps),
+stage1 = train("1", "stage1", args.batch_size, "--data", jsonl, "--steps", str(args.stage1_steps),
                "--lr", str(args.lr), "--tokenizer", str(out / "tokenizer"), *llm_dit, *common)
-stage2 = train("2", "stage2", args.batch_size, "--init", str(stage1), "--data", paths2["jsonl"],
+stage2 = train("2", "stage2", args.batch_size, "--init", str(stage1), "--data", jsonl2,
                "--steps", str(args.stage2_steps), "--lr", str(args.stage2_lr or args.lr / 2), *llm_dit, *common)
 # 7. evaluate
 subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model-path", str(stage2), "--decoder-repo", str(decoder),

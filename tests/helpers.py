@@ -42,3 +42,31 @@ def write_scale_rae_tokenizer(folder):
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (folder / "added_tokens.json").write_text(json.dumps({t["content"]: int(i) for i, t in decoder.items()}, indent=2))
     return folder
+
+
+def write_shapes(folder, n, seed=0, image_size=224, samples_per_tar=1000, **kw):
+    """n synthetic samples in both official formats: shapes.write_shapes_dataset's `data.jsonl` + `images/`, and the
+    same records as WebDataset tars (`shards/*.tar` of samples_per_tar, `wds_manifest.json`). Deterministic bytes.
+    Returns {"jsonl": path, "wds": manifest path}."""
+    import io
+    import tarfile
+
+    from shapes import write_shapes_dataset
+    folder = Path(folder)
+    jsonl = write_shapes_dataset(folder, n, seed, image_size, **kw)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    (folder / "shards").mkdir()
+    tars = []
+    for t in range(0, n, samples_per_tar):
+        tars.append(f"shards/shard_{t // samples_per_tar:05d}.tar")
+        with tarfile.open(folder / tars[-1], "w") as tar:
+            for r in records[t:t + samples_per_tar]:
+                name = Path(r.pop("image")).name
+                meta = json.dumps(dict(r, image_filename=name)).encode()
+                for member, blob in ((f"{Path(name).stem}.json", meta), (name, (folder / "images" / name).read_bytes())):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(blob)  # mtime stays 0: the same seed gives byte-identical tars
+                    tar.addfile(info, io.BytesIO(blob))
+    manifest = folder / "wds_manifest.json"
+    manifest.write_text(json.dumps(dict(dataset_name=f"shapes-seed{seed}", tars=tars)))
+    return dict(jsonl=jsonl, wds=manifest)

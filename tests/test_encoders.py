@@ -210,7 +210,7 @@ def test_siglip_init_lets_image_content_dominate_the_toy_tokens():
     the tokens of differently colored squares are further apart, so the toy latents carry the colors."""
     import random
 
-    from data import COLORS, Shapes, render_shapes
+    from shapes import COLORS, Shapes, render_shapes
     from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder
     images = [render_shapes(Shapes("square", c, 1, "large", "center"), random.Random(0), 64)[0] for c in COLORS]
 

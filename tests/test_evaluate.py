@@ -1,4 +1,4 @@
-"""The evaluation of issue 7: the deterministic shapes analyzer (data.py) on rendered images, clean and degraded; the
+"""The evaluation of issue 7: the deterministic shapes analyzer (shapes.py) on rendered images, clean and degraded; the
 prompt set and scoring of evaluate.py (the renderer's own images score 1.0); the toy tokenizer (tokenizer.py); and
 evaluate.py end to end, as a subprocess, on a tiny random checkpoint in the official layout with a toy tokenizer."""
 
@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 import data
 import evaluate
-from data import (TOY_HOLDOUT, Shapes, analyze_shapes, connected_components, read_answer, render_shapes,
+import shapes
+from shapes import (TOY_HOLDOUT, Shapes, analyze_shapes, connected_components, read_answer, render_shapes,
                   shapes_question, shapes_sample)
 from tokenizer import IMAGE_PLACEHOLDER, SPECIAL_TOKENS, Tokenizer, chat_prompt, train_tokenizer, turn
 
@@ -34,7 +35,7 @@ def rendered(n, size, seed=0):
     out = []
     for i in range(n):
         rng = random.Random(f"{seed}/{i}")
-        s = data.random_shapes(rng)
+        s = shapes.random_shapes(rng)
         out.append((s, render_shapes(s, rng, size)[0]))
     return out
 
@@ -87,8 +88,8 @@ def test_analyzer_ignores_specks_and_reads_an_empty_image_as_nothing():
     s = Shapes("circle", "green", 2, "large", "right")
     image, _ = render_shapes(s, random.Random(0), 224)
     a = np.asarray(image).copy()
-    a[5:8, 5:8] = data.COLORS["red"]  # a 9-pixel speck of another color
-    a[200, 100] = data.COLORS["blue"]
+    a[5:8, 5:8] = shapes.COLORS["red"]  # a 9-pixel speck of another color
+    a[200, 100] = shapes.COLORS["blue"]
     found = analyze_shapes(Image.fromarray(a))
     assert found == dict(color="green", shape="circle", position="right", count=2, size="large")
     # A second shape of another color (generated images have them) is counted and measured on its own pixels.
@@ -97,7 +98,7 @@ def test_analyzer_ignores_specks_and_reads_an_empty_image_as_nothing():
         warnings.simplefilter("error")  # it once measured 0 coverage: a division by zero and a NaN position
         found = analyze_shapes(Image.fromarray(a))
     assert found == dict(color="green", shape="circle", position="right", count=3, size="large")
-    assert analyze_shapes(Image.new("RGB", (64, 64), data.BACKGROUNDS["cream"])) == dict(
+    assert analyze_shapes(Image.new("RGB", (64, 64), shapes.BACKGROUNDS["cream"])) == dict(
         color=None, shape=None, position=None, count=0, size=None)
 
 
@@ -144,7 +145,7 @@ def test_prompt_set_is_deterministic_and_half_held_out():
     held = [r for r in a if r["split"] == "held-out"]
     assert len(held) == 20 and {(r["shapes"].color, r["shapes"].shape) for r in held} == set(TOY_HOLDOUT)
     assert not {(r["shapes"].color, r["shapes"].shape) for r in a if r["split"] == "seen"} & set(TOY_HOLDOUT)
-    assert all(data.describe(r["shapes"]) in r["prompt"] for r in a)
+    assert all(shapes.describe(r["shapes"]) in r["prompt"] for r in a)
 
 
 def test_renderer_images_score_one_and_wrong_images_score_zero():
@@ -168,7 +169,7 @@ def test_questions_and_answers_match_the_training_data():
         m = record["metadata"]
         s = Shapes(m["shape"], m["color"], m["count"], m["size"], m["position"])
         asked = record["conversations"][0]["value"].split("\n", 1)[1]
-        phrasings = [shapes_question(s, m["question"], k)[0] for k in range(len(data.QUESTIONS[m["question"]]))]
+        phrasings = [shapes_question(s, m["question"], k)[0] for k in range(len(shapes.QUESTIONS[m["question"]]))]
         assert asked in phrasings and shapes_question(s, m["question"])[1] == m["answer"]
         assert read_answer(m["answer"], m["question"]) == m["answer"]
     assert read_answer("Two circles.", "count") == "two" and read_answer("Two circles.", "shape") == "circle"
@@ -208,7 +209,7 @@ def test_toy_tokenizer_round_trips_the_synthetic_texts_and_the_chat_template(toy
     assert len(again.encode(caption)) < len(caption) / 3  # merges learned: about a token per word
     # The training pipeline accepts it: the chat turns tokenize with labels, <image> expands to its slots.
     ids, labels, is_target = data.encode_conversation(again, [{"from": "human", "value": "Show me a red circle."},
-                                                              {"from": "gpt", "value": data.GENERATION_ANSWER}],
+                                                              {"from": "gpt", "value": shapes.GENERATION_ANSWER}],
                                                       True, 400)
     assert is_target and ids.count(data.IMAGE_TOKEN) == 256 and again.image_end in ids
 

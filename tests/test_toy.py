@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data import analyze_shapes
+from shapes import analyze_shapes
 
 ROOT = Path(__file__).parents[1]
 

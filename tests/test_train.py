@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+from helpers import write_shapes
+from shapes import write_shapes_dataset
 from encoders import ImageProcessing, SigLIP2Encoder, SiglipVisionConfig
 from tokenizer import Tokenizer, chat_prompt, train_tokenizer
 
@@ -52,10 +53,9 @@ def assets(tmp_path_factory):
     decoder), 8 other generation samples for stage 2, a BPE tokenizer trained on them, and a frozen random tiny
     SigLIP encoder (32 px in patches of 2 -> 256 tokens of 32 channels)."""
     root = tmp_path_factory.mktemp("assets")
-    paths = data.write_shapes_dataset(root / "shapes", 8, seed=0, image_size=32, samples_per_tar=4)
+    paths = write_shapes(root / "shapes", 8, seed=0, image_size=32, samples_per_tar=4)
     jsonl = paths["jsonl"]
-    jsonl2 = data.write_shapes_dataset(root / "shapes2", 8, seed=1, image_size=32, understanding_fraction=0.0,
-                                       formats=("jsonl",))["jsonl"]
+    jsonl2 = write_shapes_dataset(root / "shapes2", 8, seed=1, image_size=32, understanding_fraction=0.0)
     texts = [c["value"] for f in (jsonl, jsonl2) for line in open(f) for c in json.loads(line)["conversations"]]
     (root / "tokenizer").mkdir()
     train_tokenizer(texts + [chat_prompt("")], 350).save(root / "tokenizer")

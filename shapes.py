@@ -1,0 +1,322 @@
+"""The toy world: synthetic captioned shapes, rendered on the toy encoder's token grid, and their analyzer.
+
+A dataset that needs no download, in the official JSONL format (data.py reads it like any other), with generation
+samples ("Can you generate two small red circles on the left?") and understanding samples (image + question -> one
+word). The analyzer reads the attributes back from any image deterministically (no learning), so evaluate.py can
+score generated images GenEval-style. Used by toy.py, evaluate.py and the tests; the core never imports it.
+"""
+
+import io
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from tokenizer import IMAGE_PLACEHOLDER
+from weights import write_atomic
+
+
+SHAPES = ("circle", "square", "triangle")
+# Every shape color has a channel <= 60 and every background channel is >= 200, so an analyzer can tell shape
+# pixels from background ones by their darkest channel, and the colors are far apart from each other.
+COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
+          "yellow": (235, 200, 20), "purple": (140, 50, 180), "orange": (245, 130, 20)}
+BACKGROUNDS = {"white": (250, 250, 250), "light gray": (218, 218, 218), "pale blue": (215, 228, 245),
+               "cream": (245, 238, 210), "pale green": (220, 240, 220), "pale pink": (245, 222, 228)}
+POSITIONS = ("left", "right", "top", "bottom", "center")
+SIZES = ("small", "large")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+
+ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78), "center": (0.5, 0.5)}
+# Shapes sit on a GRID x GRID grid of cells (at 64 px: the toy encoder's 8 x 8 tokens of 8 px): a small shape fills
+# one cell, a large one 2 x 2, one empty cell apart, and a two-tone background splits on a cell edge. So a token holds
+# a background, a whole small shape or a quarter of a large one, and nothing else: a small vocabulary of token
+# contents that a toy DiT learns. (Shapes at any offset made it draw token-sized blobs: shape at chance even with
+# the true attributes as its condition.)
+GRID = 8
+SIZE_CELLS = {"small": 1, "large": 2}
+SIZE_FRACTION = {s: n / GRID for s, n in SIZE_CELLS.items()}  # side / image side, as the analyzer reads it
+WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+         "center": "in the center"}
+REQUESTS = ("Can you generate a photo of {}?", "Generate an image of {}.", "Please draw {}.", "Show me {}.",
+            "Create a picture of {}.")
+QUESTIONS = {  # attribute -> phrasings; {is}/{noun} agree with the count
+    "color": ("What color {is} the {noun}?", "Which color {is} the {noun} in this image?"),
+    "shape": ("What shape is shown in the image?", "Which kind of shape can you see?"),
+    "count": ("How many shapes are there?", "How many shapes can you see in the image?"),
+    "position": ("Where {is} the {noun}?", "In which part of the image {is} the {noun}?"),
+    "size": ("{Is} the {noun} small or large?",),
+}
+GENERATION_ANSWER = "Here you go:\n<image>"  # the official data's answer (docs/Train.md)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What one synthetic image shows; saved as the sample's `metadata` (plus the pixel boxes) for evaluation."""
+    shape: str
+    color: str
+    count: int
+    size: str
+    position: str
+    background: tuple = ("white",)  # one name, or two for a two-tone background
+    split: str | None = None        # "vertical"/"horizontal" line between the two tones
+
+
+def describe(s):
+    """'two small red circles on the left'."""
+    what = f"{s.size} {s.color} {s.shape}" + ("s" if s.count > 1 else "")
+    return f"{'a' if s.count == 1 else COUNT_WORDS[s.count]} {what} {WHERE[s.position]}"
+
+
+def generation_prompt(s, phrasing=0):
+    return REQUESTS[phrasing % len(REQUESTS)].format(describe(s))
+
+
+def generation_answer(s):
+    """'Here are two small red circles on the left:\n<image>': the request restated before the image, where the
+    official data answers GENERATION_ANSWER. Stage 1 starts from a pretrained Qwen2.5, whose states at the latent
+    queries already carry the request; the toy LLM starts from scratch, and with the official answer its query states
+    stay alike for every prompt (cosine 0.999 after 600 steps), so the DiT learns to ignore them. Restating the
+    request (a CE target) puts its content right before <im_start>."""
+    return f"Here {'is' if s.count == 1 else 'are'} {describe(s)}:\n{IMAGE_PLACEHOLDER}"
+
+
+# Understanding questions and their short answers, as the training samples ask them (shapes_sample)
+ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(COUNT_WORDS.values()), "position": POSITIONS,
+           "size": SIZES}
+
+
+def shapes_question(s, attribute, phrasing=0):
+    """(question, answer) about attribute `attribute` of Shapes `s`, worded as in the training data."""
+    one = s.count == 1
+    agree = {"is": "is" if one else "are", "Is": "Is" if one else "Are", "noun": "shape" if one else "shapes"}
+    phrasings = QUESTIONS[attribute]
+    answer = COUNT_WORDS[s.count] if attribute == "count" else getattr(s, attribute)
+    return phrasings[phrasing % len(phrasings)].format(**agree), answer
+
+
+def random_shapes(rng, holdout=()):
+    """Uniform attributes; (color, shape) pairs in `holdout` are never drawn (for compositional evaluation)."""
+    if {(c, s) for c in COLORS for s in SHAPES} <= set(holdout):
+        raise ValueError("the holdout excludes every (color, shape) pair: nothing left to draw")
+    while True:
+        s = Shapes(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randint(1, 3), rng.choice(SIZES),
+                   rng.choice(POSITIONS))
+        if (s.color, s.shape) not in holdout:
+            break
+    if rng.random() < 0.5:
+        return s
+    return Shapes(s.shape, s.color, s.count, s.size, s.position, tuple(rng.sample(list(BACKGROUNDS), 2)),
+                  rng.choice(("vertical", "horizontal")))
+
+
+def layout(s):
+    """The grid cells of s's shapes (top-left corners (x0, y0)): a row of s.count shapes one cell apart, vertical on
+    the left/right and horizontal elsewhere, centered on the position's anchor. One layout per (count, size,
+    position), so the prompt alone says where each shape token goes. (Random offsets of up to one cell made no
+    difference to an oracle-conditioned toy DiT after 900 steps; one layout is simpler.)"""
+    n = SIZE_CELLS[s.size]
+    ax, ay = ANCHORS[s.position]
+    vertical = s.position in ("left", "right")
+    across = round((ax if vertical else ay) * GRID - n / 2)
+    start = round((ay if vertical else ax) * GRID - (s.count * n + s.count - 1) / 2)
+    return [(across, start + k * (n + 1)) if vertical else (start + k * (n + 1), across) for k in range(s.count)]
+
+
+def render_shapes(s, rng, image_size=224):
+    """(image, boxes): s drawn on its grid layout at 2x and downsampled (smooth edges)."""
+    W, cell = 2 * image_size, 2 * image_size / GRID
+    img = Image.new("RGB", (W, W), BACKGROUNDS[s.background[0]])
+    draw = ImageDraw.Draw(img)
+    if s.split == "vertical":
+        draw.rectangle((rng.randint(3, 5) * cell, 0, W, W), fill=BACKGROUNDS[s.background[1]])
+    elif s.split == "horizontal":
+        draw.rectangle((0, rng.randint(3, 5) * cell, W, W), fill=BACKGROUNDS[s.background[1]])
+    side = SIZE_CELLS[s.size] * cell
+    boxes = []
+    for cx0, cy0 in layout(s):
+        x0, y0 = cx0 * cell, cy0 * cell
+        x1, y1 = x0 + side - 1, y0 + side - 1  # PIL's boxes include their last pixel: the shape stays in its cells
+        if s.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=COLORS[s.color])
+        elif s.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=COLORS[s.color])
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=COLORS[s.color])
+        boxes.append([round(v / 2) for v in (x0, y0, x0 + side, y0 + side)])
+    return img.resize((image_size, image_size), Image.LANCZOS), boxes
+
+
+def shapes_sample(seed, index, image_size=224, understanding_fraction=0.5, holdout=()):
+    """(record, image) of sample `index`: the same for a given seed whatever the dataset size. A record has the
+    official fields: conversations and metadata (attributes, pixel boxes, task, question, answer)."""
+    rng = random.Random(seed * 1_000_003 + index)
+    s = random_shapes(rng, holdout)
+    image, boxes = render_shapes(s, rng, image_size)
+    meta = dict(asdict(s), background=list(s.background), boxes=boxes)
+    if rng.random() < understanding_fraction:
+        attr = rng.choice(list(QUESTIONS))
+        question, answer = shapes_question(s, attr, rng.randrange(len(QUESTIONS[attr])))
+        conversations = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                         {"from": "gpt", "value": answer}]
+        meta.update(task="understanding", question=attr, answer=answer)
+    else:
+        conversations = [{"from": "human", "value": generation_prompt(s, rng.randrange(len(REQUESTS)))},
+                         {"from": "gpt", "value": generation_answer(s)}]
+        meta.update(task="generation")
+    return dict(conversations=conversations, metadata=meta), image
+
+
+def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fraction=0.5, holdout=()):
+    """Write n synthetic samples in the official JSONL format: `data.jsonl` + `images/*.png`, every file atomically.
+    Returns the path of data.jsonl (what open_source and train_tpu.py --data take)."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        record, image = shapes_sample(seed, i, image_size, understanding_fraction, holdout)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        write_atomic(folder / "images" / f"sample_{i:06d}.png", buf.getvalue())
+        lines.append(json.dumps(dict(image=f"images/sample_{i:06d}.png", **record)))
+    write_atomic(folder / "data.jsonl", ("\n".join(lines) + "\n").encode())
+    return folder / "data.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Analyzer: the attributes a shapes image shows, read back deterministically (no learning), for evaluation
+
+# (color, shape) pairs the toy model never sees in training (its data is written with holdout=TOY_HOLDOUT): the
+# compositional held-out set of evaluate.py. Each color and each shape still appears with other partners.
+TOY_HOLDOUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+SCORED = ("color", "shape", "position", "count")  # what a prompt is scored on (GenEval-like); size is reported too
+
+PALETTE = np.array(list(COLORS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)  # (12, 3) shapes first
+NOISE_AREA = 0.002  # components smaller than this fraction of the image (~1/4 of a small triangle) are noise
+EDGE = 0.2  # coverage below EDGE counts as 0, above 1 - EDGE as 1: ringing, noise and JPEG leave the shape's size
+FILL_TRIANGLE, FILL_SQUARE = 0.69, 0.87  # bounding-box fill: triangle 1/2 < 0.69 < circle π/4 < 0.87 < square 1
+
+
+def connected_components(mask):
+    """(labels, n): the 4-connected components of a boolean (H, W) mask, labelled 1..n (0 = background).
+
+    Each pixel starts with its own flat index; labels then propagate as the minimum over 4-neighbours, with pointer
+    jumping (a label is the index of a pixel of the same component, so label <- label[label] skips ahead), until
+    nothing changes. Plain numpy: a few dozen vectorized passes."""
+    h, w = mask.shape
+    big = h * w
+    lab = np.where(mask, np.arange(big).reshape(h, w), big)
+    while True:
+        new = lab.copy()
+        np.minimum(new[1:], lab[:-1], out=new[1:])
+        np.minimum(new[:-1], lab[1:], out=new[:-1])
+        np.minimum(new[:, 1:], lab[:, :-1], out=new[:, 1:])
+        np.minimum(new[:, :-1], lab[:, 1:], out=new[:, :-1])
+        new = np.where(mask, new, big).ravel()
+        for _ in range(4):
+            fg = new < big
+            new[fg] = new[new[fg]]
+        new = new.reshape(h, w)
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    roots, labels = np.unique(lab, return_inverse=True)
+    labels = labels.reshape(h, w) + 1
+    labels[~mask] = 0
+    return labels, int((roots < big).sum())
+
+
+def blend(pixels, color):
+    """(coverage, residual) of pixels (..., 3) seen as blends a·color + (1 - a)·B, with a in [0, 1] and the background
+    B (of the six) that fits best: anti-aliased or blurred edges get their partial coverage, and the residual says
+    how well `color` explains the pixel at all."""
+    bg = PALETTE[len(COLORS):]                                    # (6, 3)
+    d = np.asarray(color, np.float32) - bg                        # (6, 3) background -> color
+    pd = pixels @ d.T - (bg * d).sum(-1)                          # (..., 6) (p - B)·d, as matrix products
+    dd = (d * d).sum(-1)
+    a = (pd / dd).clip(0, 1)
+    pb = (pixels ** 2).sum(-1, keepdims=True) - 2 * pixels @ bg.T + (bg ** 2).sum(-1)  # |p - B|^2
+    residual = pb - 2 * a * pd + a * a * dd                       # |p - B - a·d|^2
+    best = residual.argmin(-1)[..., None]
+    return np.take_along_axis(a, best, -1)[..., 0], np.take_along_axis(residual, best, -1)[..., 0]
+
+
+def _dilate(m):  # a boolean mask grown by one pixel (4-neighbours)
+    out = m.copy()
+    out[1:] |= m[:-1]
+    out[:-1] |= m[1:]
+    out[:, 1:] |= m[:, :-1]
+    out[:, :-1] |= m[:, 1:]
+    return out
+
+
+def shape_class(fill):
+    """circle, square or triangle from the fraction of its bounding box a shape fills."""
+    return "triangle" if fill < FILL_TRIANGLE else "circle" if fill < FILL_SQUARE else "square"
+
+
+def analyze_shapes(image):
+    """The attributes a synthetic shapes image shows: dict(color, shape, position, count, size); None where a value
+    cannot be read (an image without shapes has count 0 and nothing else). Works at any size (>= 48 px is reliable).
+
+    Every pixel takes the nearest palette entry (6 shape colors, 6 backgrounds, far apart: see COLORS); shape pixels
+    are those nearest a shape color. color: the shape color whose blends with the backgrounds fit the most shape
+    pixels best (a blurred red edge is nearer orange than red, but it is a red blend). The 4-connected components
+    of the shape pixels, minus noise (smaller than NOISE_AREA of the image or than 1/5 of the largest), are the
+    shapes, and count is their number. Each shape is measured on its coverage by the dominant color (sub-pixel;
+    EDGE clips faint and near-full values) over the component grown by one pixel: area = sum of coverage,
+    width/height = sums of the column/row maxima. shape: the majority class by fill = area / (width x height) (ties:
+    the larger area); position: the anchor nearest the mean of the box centers; size: the SIZE_FRACTION nearest the
+    median side. Blur, noise and stray pixels (generated images) are tolerated: stray pixels form noise components,
+    and the color vote is a majority."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    h, w = pixels.shape[:2]
+    nearest = ((PALETTE ** 2).sum(-1) - 2 * pixels @ PALETTE.T).argmin(-1)  # (H, W) nearest palette entry
+    mask = nearest < len(COLORS)
+    out = dict(color=None, shape=None, position=None, count=0, size=None)
+    if not mask.any():
+        return out
+    fits = np.stack([blend(pixels[mask], c)[1] for c in PALETTE[:len(COLORS)]])  # (6, N) residual per color
+    dominant = np.bincount(fits.argmin(0), minlength=len(COLORS)).argmax()
+    out["color"] = list(COLORS)[dominant]
+    labels, n = connected_components(mask)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    keep = [i + 1 for i in range(n) if areas[i] >= max(NOISE_AREA * h * w, 0.2 * areas.max())]
+    out["count"] = len(keep)
+    if not keep:
+        return out
+    alpha = ((blend(pixels, PALETTE[dominant])[0] - EDGE) / (1 - 2 * EDGE)).clip(0, 1)  # (H, W) coverage
+    votes, centers, sides = Counter(), [], []
+    for k in keep:
+        component = labels == k
+        a = np.where(_dilate(component) & ~(mask & ~component), alpha, 0)  # never another shape's pixels
+        if not a.any():  # a shape of another color (generated images): measured on its own pixels
+            a = component.astype(np.float32)
+        cols, rows = a.max(0), a.max(1)
+        width, height = cols.sum(), rows.sum()
+        votes[shape_class(a.sum() / (width * height))] += 1 + a.sum() / (h * w)  # a vote per shape; area breaks ties
+        xs, ys = np.arange(w), np.arange(h)
+        centers.append((((cols * xs).sum() / width + 0.5) / w, ((rows * ys).sum() / height + 0.5) / h))
+        sides.append((width / w + height / h) / 2)
+    out["shape"] = votes.most_common(1)[0][0]
+    cx, cy = np.mean(centers, 0)
+    out["position"] = min(ANCHORS, key=lambda p: (ANCHORS[p][0] - cx) ** 2 + (ANCHORS[p][1] - cy) ** 2)
+    side = float(np.median(sides))
+    out["size"] = min(SIZE_FRACTION, key=lambda s: abs(SIZE_FRACTION[s] - side))
+    return out
+
+
+def read_answer(text, attribute):
+    """The first word of a free-text answer that is a possible answer to `attribute` ('Two circles.' -> 'two' for
+    count, 'circle' for shape; digits count as words), or None."""
+    for word in re.findall(r"[a-z0-9]+", text.lower()):
+        word = COUNT_WORDS.get(int(word), word) if word.isdigit() else word
+        for candidate in (word, word[:-1] if word.endswith("s") else None):
+            if candidate in ANSWERS[attribute]:
+                return candidate
+    return None
