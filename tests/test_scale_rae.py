@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dit
 from dit import DiTConfig
 from model import IMAGE_TOKEN, SCALE_RAE_PRESETS, ScaleRAE, ScaleRAEConfig
 from weights import WeightsError
@@ -116,20 +117,41 @@ def test_training_loss_routes_gradients_like_the_official_model():
 
 
 def test_k_tiling_averages_the_diffusion_loss_over_k_timesteps():
-    """Official K-tiling (diffusion_timesteps_per_sample): each answer image is noised at K timesteps and its loss is
-    their mean. Same expectation as K = 1, lower variance across draws; CE is untouched."""
-    model = tiny_model().train()
+    """Official K-tiling (diffusion_timesteps_per_sample): each answer image is noised at K independent timesteps
+    (K rows of one DiT batch, each with the image's own condition) and its loss is their mean; CE is untouched.
+    Exact: the draws of the DiT loss are reproduced from the seed, then replayed one timestep per image through K
+    runs at K = 1 (eval mode: no condition-dropout draw)."""
+    model = tiny_model().eval()
     ids, labels, feats, target = batch_with_images(model)
+    K, B, C, n = 4, ids.shape[0], model.config.dit.in_channels, model.config.dit.input_size
+    head, loss, given, seen = model.diff_head, model.diff_head.loss, {}, []
+
+    def replay(x0, y, t=None, noise=None):  # training_loss leaves t and noise to diff_head.loss, which draws them
+        assert t is None and noise is None
+        seen.append((x0, y))
+        return loss(x0, y, given["t"], given["noise"])
+
     with torch.no_grad():
-        runs = {}
-        for K in (1, 4):
-            torch.manual_seed(0)
-            runs[K] = torch.stack([torch.stack(model.training_loss(ids, labels, feats, target, timesteps_per_image=K))
-                                   for _ in range(40)])  # (40, 3): loss, ce, diff
-    assert torch.equal(runs[1][:, 1], runs[4][:, 1])
-    diff1, diff4 = runs[1][:, 2], runs[4][:, 2]
-    assert abs(diff4.mean() - diff1.mean()) < 2 * diff1.std() / 40 ** 0.5
-    assert diff4.std() < 0.7 * diff1.std(), (diff4.std(), diff1.std())  # 1/sqrt(4) = 0.5 in expectation
+        torch.manual_seed(0)
+        drawn = model.training_loss(ids, labels, feats, target, timesteps_per_image=K)
+        torch.manual_seed(0)  # diff_head.loss's draws for B * K rows, in its order (t, then the bf16 noise)
+        t = dit.time_shift(torch.sigmoid(torch.randn(B * K)), head.shift)
+        noise = torch.randn(B * K, C, n, n, dtype=torch.bfloat16)
+        head.loss, given["t"], given["noise"] = replay, t, noise
+        tiled = model.training_loss(ids, labels, feats, target, timesteps_per_image=K)
+        single = []
+        for k in range(K):  # rows are image-major: image b at timestep k is row b * K + k
+            given.update(t=t[k::K], noise=noise[k::K])
+            single.append(torch.stack(model.training_loss(ids, labels, feats, target, timesteps_per_image=1)))
+    assert all(torch.equal(a, b) for a, b in zip(drawn, tiled))  # the reproduced draws are the ones it made
+    x0, y = seen[0]
+    assert torch.equal(x0, feats.repeat_interleave(K, 0))
+    assert all(torch.equal(y[k::K], seen[1 + k][1]) for k in range(K))  # each image's own condition, K times
+    single = torch.stack(single)  # (K, 3): loss, ce, diff
+    assert torch.equal(tiled[1], single[0, 1])
+    torch.testing.assert_close(tiled[2], single[:, 2].mean(), rtol=1e-6, atol=0)
+    assert (single[:, 2] - tiled[2]).abs().min() > 1e-4  # K different timesteps: the mean is none of them
+    assert torch.isclose(tiled[0], tiled[1] + 2.0 * tiled[2])
 
 
 def test_dynamic_shapes_run_the_dit_on_the_answer_images_alone():
