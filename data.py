@@ -1,37 +1,15 @@
-"""Training data for Scale-RAE: the two official formats in, fixed-shape token/label/image batches out, and a
-synthetic captioned-shapes dataset that goes through the same readers.
+"""Training data for Scale-RAE: the two official formats in, fixed-shape token/label/image batches out.
 
-Reference: the official trainer (ZitengWangNYU/Scale-RAE), scale_rae/train/spmd_trainer.py (`preprocess_qwen`,
-`LazySupervisedDataset`, `DataCollatorForSupervisedDataset`) and scale_rae/train/webdataset_trainer.py.
-
-Formats (§1.1 of the training notes):
-  JSONL         one sample per line: {"image": path | [path], "conversations": [{"from": "human"|"gpt", "value"}],
-                "metadata": {}}; relative image paths are joined with `image_folder` (default: the JSONL's folder).
-  WebDataset    a manifest named like `wds_manifest.json`, {"tars": [...]}, listing tar shards (relative paths are
-                taken from the manifest's folder); each sample is a `.json` member {"conversations", "metadata",
-                "image_filename"} plus the image member it names, read with the standard library's tarfile.
-
-Sample -> tokens (§1.2), as `preprocess_qwen` does with `--version qwen_2 --mm_use_im_start_end True`:
-  the system turn "You are a helpful assistant." is always prepended; every ChatML turn is tokenized on its own;
-  labels are -100 except on assistant turns (header `<|im_start|>assistant\\n` included) and on the ids of "\\n",
-  `<|im_start|>` and `<|im_end|>`, which are labelled everywhere; `<image>` becomes `<im_start><image><im_end>` and
-  its one placeholder expands to 256 slots, IMAGE_TOKEN (-200) in input_ids and -100 in labels. An image in an
-  assistant turn is a generation target (its slots hold the latent queries, and CE trains `<im_end>` from the last
-  one); in a user turn it is understanding input. Rows are right-padded with `<|endoftext|>` / -100 to a fixed L.
-
-The stream of samples (what the official code does, and where we differ):
-  * Sharding: the epoch's shard order is shuffled with seed+epoch (the same order on every host), and host `rank`
-    takes shards rank, rank+world, ... (the official round robin). A tar is a shard; a JSONL file is random access,
-    so each line is its own shard and the epoch order is a full permutation (the official RandomSampler).
-  * Shuffling: the official WebDataset path never shuffled: `set_epoch` is not forwarded through MpDeviceLoader, so
-    tars are read in manifest order with no sample buffer (training notes §1.1). We shuffle the shard order every
-    epoch and the samples within blocks of `buffer_size` consecutive records; `shuffle=False` reads in file order.
-  * The stream is endless (epochs follow each other), so hosts never run dry at different steps; training is
-    counted in steps. The position (epoch, shard, offset, taken) names the start of the current shuffle block and
-    how many of its records were consumed; a block is re-read and re-permuted on restore, so resuming is exact.
-  * Bad samples never stop a run: they are skipped and counted in `stream.stats` (the official code resamples a
-    random index instead, which changes the stream). A missing tar image member is a bad image here; the official
-    code silently turned such a sample into a text-only one.
+Reference: the official trainer, scale_rae/train/{spmd_trainer.py (preprocess_qwen, LazySupervisedDataset, the
+collator), webdataset_trainer.py}. Formats: JSONL, one {"image", "conversations", "metadata"} per line (image paths
+relative to the JSONL's folder); WebDataset, a `*wds*.json` manifest {"tars": [...]} of tar shards whose `.json`
+members name their image member. Tokens as preprocess_qwen (qwen_2, mm_use_im_start_end): a system turn, each ChatML
+turn tokenized alone, labels only on assistant turns and on "\n", <|im_start|>, <|im_end|>; `<image>` becomes
+<im_start> + 256 IMAGE_TOKEN slots + <im_end>. An image in an assistant turn is a generation target, in a user turn
+understanding input. Where we differ: the official WebDataset path never shuffles (set_epoch is lost in
+MpDeviceLoader) and a bad sample is resampled at random; here shard order and blocks of `buffer_size` records are
+shuffled per epoch, bad samples are skipped and counted, and the stream position (epoch, shard, offset, taken)
+restores it exactly.
 """
 
 import functools
@@ -50,12 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokenizer import IMAGE_END, IMAGE_PLACEHOLDER, IMAGE_START, SYSTEM_PROMPT, turn
+from tokenizer import IMAGE, IMAGE_PLACEHOLDER, IMAGE_TOKEN, SYSTEM_PROMPT, turn
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100   # label of tokens the loss skips
-IMAGE_TOKEN = -200    # input id of an image slot (official IMAGE_TOKEN_INDEX)
 IMAGE_TOKENS = 256    # slots per image: 16x16 patches of a 224px image at patch 14
 ROLES = {"human": "user", "gpt": "assistant"}  # official names -> ChatML roles; other roles pass through, masked
 
@@ -109,19 +86,15 @@ def encode_conversation(tokenizer, conversations, has_image, max_len, image_toke
     for role, content in turns:
         trained = role == "assistant"
         if IMAGE_PLACEHOLDER in content:
-            content = content.replace(IMAGE_PLACEHOLDER, IMAGE_START + IMAGE_PLACEHOLDER + IMAGE_END)
+            content = content.replace(IMAGE_PLACEHOLDER, IMAGE)
             image_is_target = trained
-        piece = tokenizer.encode_with_image(turn(role, content), IMAGE_TOKEN)
+        piece = tokenizer.encode_with_image(turn(role, content), image_tokens)
         ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
-    labels = [i if i in unmasked else lab for i, lab in zip(ids, labels)]
+    labels = [IGNORE_INDEX if i == IMAGE_TOKEN else i if i in unmasked else lab for i, lab in zip(ids, labels)]
 
-    if has_image:  # one placeholder -> image_tokens slots that the loss skips
-        p = ids.index(IMAGE_TOKEN)
-        ids[p:p + 1] = [IMAGE_TOKEN] * image_tokens
-        labels[p:p + 1] = [IGNORE_INDEX] * image_tokens
-        if len(ids) > max_len:  # official check_image_tokens: never cut into or after an image
-            raise Skip("too_long", f"{len(ids)} tokens with the image expanded > max_len {max_len}")
+    if has_image and len(ids) > max_len:  # official check_image_tokens: never cut into or after an image
+        raise Skip("too_long", f"{len(ids)} tokens with the image expanded > max_len {max_len}")
     return ids[:max_len], labels[:max_len], image_is_target
 
 

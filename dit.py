@@ -1,25 +1,12 @@
 """The diffusion head of Scale-RAE: a LightningDiT and rectified flow in the encoder's latent space.
 
-Scale-RAE (arXiv 2601.16208, §3) generates the 256 tokens (16×16) of a frozen representation encoder with a diffusion
-transformer conditioned, token by token, on the LLM's latent-query states. The released models use the official
-`LightningDiT` (LightningDiT: Yao et al., arXiv 2501.01423; DiT: Peebles & Xie, arXiv 2212.09748) configured as
-follows (official code: scale_rae/model/diffusion_loss/{diffloss.py, models/lightningDiT.py, models/model_utils.py,
-diffusion/transport.py}):
-  a 1×1 conv patch embedding plus a fixed 2-D sin-cos `pos_embed`; a Gaussian-Fourier timestep embedding of t in (0, 1];
-  the condition c = silu(t_emb + y) per token; adaLN-Zero blocks with RMSNorm, attention with qkv bias and 2-D RoPE
-  (interleaved pairs: row index on the first half of head_dim, column index on the second), a SwiGLU MLP; a final
-  RMSNorm + adaLN + linear. Parameter names are the official ones (`diff_head.model.*` in the checkpoint).
-
-Rectified flow (SD3, arXiv 2403.03206): x_t = (1 - t)·x0 + t·ε, t = 0 is data, the model predicts v = ε - x0, and
-time is shifted by s = sqrt(C·T / 4096) (√72 for SigLIP-2, 8.0 for WebSSL), t -> s·t / (1 + (s - 1)·t).
-
-Numerics follow the official code: on a tiny random configuration, the forward, the 49-step sampler, the training
-loss (same RNG state) and a fresh init under the same seed are bit-identical to the official modules in float32 when
-attention uses the official explicit softmax. Deliberate differences:
-  attention runs through F.scaled_dot_product_attention instead of the official explicit softmax (same math, bits
-  differ by ~1e-6 in float32); the Fourier features are always computed in float32 from float32 t and frequencies
-  (the official code would round both to bf16 in a bf16 run, a ~0.1 rad phase error), and from_state_dict keeps the
-  RoPE tables in float32; the sampler integrates in float32 whatever the DiT's dtype.
+The DiT (LightningDiT, arXiv 2501.01423; DiT, arXiv 2212.09748) generates the 256 encoder tokens conditioned token by
+token on the LLM's latent-query states: 1×1 patch embedding + fixed 2-D sin-cos positions, Gaussian-Fourier timestep
+embedding, adaLN-Zero blocks with RMSNorm, 2-D RoPE and SwiGLU, with the official parameter names (`diff_head.model.*`;
+official code: scale_rae/model/diffusion_loss/). Rectified flow (SD3, arXiv 2403.03206): x_t = (1 - t)·x0 + t·ε,
+v = ε - x0, time shifted by s = sqrt(C·T / 4096). In float32 the forward, the 49-step sampler, the loss and a fresh
+init match the official modules bit for bit with the official explicit softmax; here attention uses SDPA (~1e-6),
+and Fourier features, RoPE tables and the sampler stay float32 in a bf16 model (the official bf16 run loses phase).
 """
 
 import math
@@ -29,8 +16,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from weights import WeightsError, load_strict, read_config, read_safetensors, resolve
 
 
 @dataclass
@@ -48,32 +33,13 @@ class DiTConfig:
     def tokens(self):
         return self.input_size ** 2
 
-    @classmethod
-    def from_checkpoint_config(cls, d):
-        """From a Scale-RAE config.json (its `diffusion_model_*` keys), as the official model builds its head."""
-        need = ["diffusion_model_hidden_size", "diffusion_model_depth", "diffusion_model_heads",
-                "diffusion_model_z_channels"]
-        missing = [k for k in need if k not in d]
-        if missing:
-            raise WeightsError(f"config.json lacks the diffusion-head keys {missing}")
-        if isinstance(d["diffusion_model_hidden_size"], list):
-            raise WeightsError("a list-valued diffusion_model_hidden_size selects LightningDDT, which no released model uses")
-        return cls(hidden_size=d["diffusion_model_hidden_size"], depth=d["diffusion_model_depth"],
-                   num_heads=d["diffusion_model_heads"], in_channels=d.get("diffusion_model_channels", 1152),
-                   # z_channels 0 means "no projector": the DiT is conditioned on the LLM width directly.
-                   z_channels=d["diffusion_model_z_channels"] or d["hidden_size"],
-                   # The official code reads it with a 0.0 fallback; the released configs set 0.1.
-                   class_dropout_prob=d.get("diffusion_class_dropout_prob", 0.0))
-
 
 DIT_PRESETS = {
     "dit-2.4b": DiTConfig(),  # 2,435,944,896 parameters; 2,435,977,664 state-dict numbers with the RoPE tables
-    # Sizes from the official docs/Train.md. Its z_channels (3072) gives 8.19B, not 9.8B: for the released
-    # checkpoint read Z from config.json (DiTConfig.from_checkpoint_config), do not trust this preset's Z.
+    # Sizes from the official docs/Train.md; its z_channels (3072) gives 8.19B, not 9.8B: the released checkpoint's
+    # config.json says the real Z (model.ScaleRAEConfig.from_official reads it).
     "dit-9.8b": DiTConfig(hidden_size=3072, depth=48, num_heads=48, z_channels=3072),
-    # Issue 7's toy DiT, on the toy encoder's 8 x 8 tokens of 96 channels. Its width is above the token width, as RAE
-    # found a DiT must be: given the true attributes as its condition, a width-128 DiT on 192-channel tokens drew
-    # the right color 26% of the time after 1200 steps, and 91% on the 96-channel ones.
+    # The toy DiT on the toy encoder's 8 x 8 tokens of 96 channels: wider than its tokens, as RAE found a DiT must be.
     "toy": DiTConfig(hidden_size=128, depth=4, num_heads=4, in_channels=96, z_channels=128, input_size=8),
 }
 
@@ -302,14 +268,6 @@ class DiT(nn.Module):
         n = cfg.input_size
         return out.view(B, n, n, cfg.in_channels).permute(0, 3, 1, 2)               # (B, C, n, n)
 
-    @classmethod
-    def from_state_dict(cls, sd, cfg: DiTConfig, dtype=torch.float32, what="DiT weights"):
-        """A DiT from official tensors named without the `diff_head.model.` prefix. Built on `meta`, loaded
-        strictly (WeightsError on any missing, unexpected or mis-shaped key), on the CPU."""
-        with torch.device("meta"):
-            model = cls(cfg)
-        return load_strict(model, sd, what, dtype=dtype)  # RoPE tables (buffers) stay float32 in a bf16 model
-
 
 def dit_flops(cfg: DiTConfig):
     """Forward FLOPs (2 per multiply-add) of the DiT for one image and one step: the matmuls, the 1×1 conv and
@@ -381,10 +339,10 @@ class DiffusionHead(nn.Module):
     """The official `diff_head` (FullSequenceRectifiedFlowProjector): a DiT, its flow shift, loss and sampler.
     Latents are exchanged in token layout (B, T, C), token n = h·n_side + w; the DiT works channel-first."""
 
-    def __init__(self, cfg: DiTConfig, model=None):
+    def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.config = cfg
-        self.model = DiT(cfg) if model is None else model
+        self.model = DiT(cfg)
         self.shift = flow_shift(cfg.in_channels, cfg.tokens)
 
     def _grid(self, x):  # (B, T, C) -> (B, C, n, n); contiguous as the official, so the loss sums in the same order
@@ -465,16 +423,3 @@ class DiffusionHead(nn.Module):
             if progress is not None:
                 progress()
         return x.permute(0, 2, 3, 1).reshape(B, cfg.tokens, cfg.in_channels)
-
-    @classmethod
-    def from_state_dict(cls, sd, cfg: DiTConfig, dtype=torch.float32, what="diffusion head weights"):
-        """The head from the DiT's official tensors, named without the `diff_head.model.` prefix."""
-        return cls(cfg, DiT.from_state_dict(sd, cfg, dtype, what))
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """The diffusion head of a Scale-RAE checkpoint (local folder or Hub id): `diff_head.model.*` and config.json."""
-        folder = resolve(path, allow_patterns=["*.json", "*.safetensors"])
-        cfg = DiTConfig.from_checkpoint_config(read_config(folder))
-        sd = read_safetensors(folder, prefix="diff_head.model.")
-        return cls.from_state_dict(sd, cfg, dtype, f"diffusion head weights in {folder}").to(device).eval()

@@ -1,25 +1,15 @@
 """Qwen2.5 and the unified Scale-RAE model, hand-written, with the official parameter names.
 
-Part 1, Qwen2.5. The language model of Scale-RAE (arXiv 2601.16208) is an unmodified Qwen2.5 decoder (Qwen2.5
-technical report, arXiv 2412.15115; reference code: transformers' modeling_qwen2.py). Parameter names are Hugging Face's
-(`model.embed_tokens.weight`, `model.layers.N.self_attn.q_proj.weight`, ..., `lm_head.weight`), so official
-checkpoints load with no renaming, and RoPE uses the same rotate-half layout.
-
-Numerics follow transformers (checked to 1e-5 in float32 by tests/test_qwen.py):
-  RMSNorm normalizes in float32, casts back to the input dtype, and only then multiplies by the weight;
-  the RoPE inverse frequencies are computed once on the CPU in float32;
-  attention is causal grouped-query attention through F.scaled_dot_product_attention (q/k/v have biases, o_proj not).
-
-Part 2, Scale-RAE (official scale_rae_qwen2.py and scale_rae_arch.py in "query" mode). Around the LLM:
-  model.latent_queries (256, H)  appended after <im_start>; their final hidden states condition the DiT, token by token
-  model.mm_projector.{0,2}       Linear-GELU-Linear from the encoder width to H: how the LLM reads images (and latents)
-  diff_head_projector            Linear H -> Z: the per-token condition of the DiT
-  diff_head.model                the DiT (dit.py), which samples the 256 encoder tokens with rectified flow
-Generation is greedy, as official: prompt -> prefill (KV cache) -> text until the model emits <im_start> -> <im_start>
-plus the 256 queries in one block -> condition -> DiT -> (256, C) latent (rae.py decodes it). Training minimizes
-cross-entropy on the answer text + 2.0 x the diffusion loss on answer images.
+Part 1 is an unmodified Qwen2.5 decoder (arXiv 2412.15115) with Hugging Face's parameter names and numerics
+(transformers' modeling_qwen2.py; RMSNorm in float32, rotate-half RoPE, grouped-query attention through SDPA), plus a
+static KV cache. Part 2 is Scale-RAE around it (official scale_rae_qwen2.py / scale_rae_arch.py, "query" mode):
+`model.latent_queries` (256 learned vectors appended after <im_start>), `model.mm_projector` (how the LLM reads
+images and latents), `diff_head_projector` (the DiT's per-token condition) and `diff_head` (dit.py). Generation is
+greedy, as official: prefill, text until <im_start>, then <im_start> + the 256 queries in one block, whose final
+hidden states condition the DiT. Training: cross-entropy on the answer + 2.0 x the diffusion loss of answer images.
 """
 
+import argparse
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -29,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import DIT_PRESETS, DiffusionHead, DiTConfig, initial_noise
+from dit import DIT_PRESETS, DiffusionHead, DiTConfig, RMSNorm, initial_noise
 from rae import DECODER_FOR_ENCODER, RAE
-from tokenizer import Tokenizer, chat_prompt
+from tokenizer import IMAGE_TOKEN, Tokenizer, chat_prompt
 from weights import WeightsError, load_strict, read_config, read_safetensors, resolve, save_safetensors
 
 
@@ -53,8 +43,7 @@ class QwenConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d):
-        """From a Hugging Face config.json; fields this model does not use are ignored."""
+    def from_dict(cls, d):  # from a Hugging Face config.json; unknown fields are ignored
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -63,25 +52,10 @@ QWEN_PRESETS = {
     "qwen2.5-1.5b": QwenConfig(),
     "qwen2.5-7b": QwenConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                              num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
-    # Issue 7's toy LLM: same code path, CPU-sized; vocab_size follows the toy tokenizer. Its initializer_range is
-    # 1/sqrt(width), as Qwen's 0.02 is for its 1536: with 0.02 at width 128, the latent queries (norm ~1, the official
-    # init) are 4x the token embeddings, and 0.9% of the variance of their states depends on the prompt (45% with
-    # 1/sqrt(128)), so the DiT learns to ignore its condition.
+    # The toy LLM (toy.py): CPU-sized; at its width Qwen's 0.02 init made the DiT ignore its condition (README).
     "toy": QwenConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, initializer_range=128 ** -0.5),
 }
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)  # cast before the weight multiply, as transformers does
 
 
 class RotaryEmbedding(nn.Module):
@@ -105,7 +79,8 @@ def rotate_half(x):
 
 
 class KVCache:
-    """Static per-layer key/value buffers: prefill once, then append one token or a block (256 latent queries)."""
+    """Static per-layer key/value buffers: prefill once, then append one token or a block (256 latent queries).
+    Each call appends at `length`; the last layer's call moves `length` past the new positions."""
 
     def __init__(self, cfg, batch, max_len, device, dtype):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -124,6 +99,8 @@ class KVCache:
             raise ValueError(f"KV cache is full: {end} positions > max_len {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
+        if layer == len(self.k) - 1:
+            self.length = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -191,8 +168,6 @@ class Qwen2Model(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.length += x.shape[1]
         return self.norm(x)
 
 
@@ -281,12 +256,8 @@ class Qwen2ForCausalLM(nn.Module):
         return model.to(device).eval()
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Part 2: Scale-RAE
-
-IMAGE_TOKEN = -200  # official IMAGE_TOKEN_INDEX: marks the slots of an image in input_ids
-
 
 @dataclass
 class ScaleRAEConfig(QwenConfig):
@@ -312,6 +283,8 @@ class ScaleRAEConfig(QwenConfig):
         problems += [f"{k}={d[k]!r} (supported: {v!r})" for k, v in expected.items() if d.get(k, v) != v]
         if d.get("diffusion_norm_stats_path"):
             problems.append("diffusion_norm_stats_path is set (latent normalization is not used by released models)")
+        if d.get("diffusion_model_z_channels") == 0:
+            problems.append("diffusion_model_z_channels=0 (a DiT without diff_head_projector)")
         if d.get("diffusion_base_dim") not in (None, 4096):
             problems.append(f"diffusion_base_dim={d['diffusion_base_dim']} (supported: 4096, the default)")
         # The official DiT is built for input_size=16; the token count is read from the config (the toy model has 64).
@@ -324,7 +297,7 @@ class ScaleRAEConfig(QwenConfig):
         dit = DiTConfig(hidden_size=d["diffusion_model_hidden_size"], depth=d["diffusion_model_depth"],
                         num_heads=d["diffusion_model_heads"], in_channels=d["diffusion_model_channels"],
                         z_channels=d["diffusion_model_z_channels"], input_size=side,
-                        class_dropout_prob=d.get("diffusion_class_dropout_prob", 0.1))
+                        class_dropout_prob=d.get("diffusion_class_dropout_prob", 0.0))  # the official fallback
         llm = QwenConfig.from_dict(d)
         return cls(**{f.name: getattr(llm, f.name) for f in fields(QwenConfig)}, dit=dit,
                    mm_hidden_size=d.get("mm_hidden_size", dit.in_channels),
@@ -384,28 +357,25 @@ class ScaleRAE(Qwen2ForCausalLM):
         nn.init.zeros_(self.diff_head_projector.bias)
         self.diff_head = DiffusionHead(cfg.dit)
 
-    def embed(self, input_ids, image_features, image_is_target):
-        """Token embeddings with each sample's 256 image slots (IMAGE_TOKEN) filled in.
+    def image_slots(self, input_ids):
+        """(B, 256, 1) positions of each row's image slots, its one run of IMAGE_TOKEN (rows without one: 0..255,
+        which callers mask). Static shapes (no boolean indexing), so XLA compiles one graph for every batch."""
+        start = (input_ids == IMAGE_TOKEN).int().argmax(1, keepdim=True)  # (B, 1)
+        slots = start + torch.arange(self.config.image_tokens, device=input_ids.device)
+        return slots.clamp(max=input_ids.shape[1] - 1)[..., None]
 
-        input_ids (B, L) hold at most one run of 256 IMAGE_TOKEN per sample; image_features (B, 256, C) are encoder
-        latents. An understanding image enters as mm_projector(features); an image the model must generate is
-        replaced by the learned latent queries. Shapes are static (gather and where, no boolean indexing), so XLA
-        compiles one graph for every batch.
-        """
-        B, L = input_ids.shape
-        is_image = input_ids == IMAGE_TOKEN  # (B, L)
+    def embed(self, input_ids, image_features, image_is_target):
+        """Token embeddings (B, L, H) with each row's image slots filled: an understanding image as
+        mm_projector(image_features (B, 256, C)); an image to generate (image_is_target) as the latent queries."""
         x = self.model.embed_tokens(input_ids.clamp(min=0))  # (B, L, H)
         if image_features is None:
             return x
-        start = is_image.int().argmax(1)  # (B,) first image slot (0 when there is none: then nothing is filled)
         fill = self.model.mm_projector(image_features.to(x.dtype))  # (B, 256, H)
         if image_is_target is not None:
-            queries = self.model.latent_queries.to(x.dtype)[None].expand(B, -1, -1)
+            queries = self.model.latent_queries.to(x.dtype)[None]
             fill = torch.where(image_is_target[:, None, None], queries, fill)
-        T = self.config.image_tokens
-        slot = (torch.arange(L, device=x.device)[None] - start[:, None]).clamp(0, T - 1)  # (B, L)
-        fill = torch.gather(fill, 1, slot[..., None].expand(-1, -1, x.shape[-1]))  # (B, L, H)
-        return torch.where(is_image[..., None], fill, x)
+        filled = x.scatter(1, self.image_slots(input_ids).expand(-1, -1, x.shape[-1]), fill)
+        return torch.where((input_ids == IMAGE_TOKEN)[..., None], filled, x)
 
     def training_loss(self, input_ids, labels, image_features, image_is_target, vision_coef=2.0, timesteps_per_image=1,
                       static_shapes=True):
@@ -425,9 +395,7 @@ class ScaleRAE(Qwen2ForCausalLM):
             rows = image_is_target.nonzero()[:, 0]
             input_ids, h, image_features, image_is_target = (v[rows] for v in (input_ids, h, image_features,
                                                                                 image_is_target))
-        start = (input_ids == IMAGE_TOKEN).int().argmax(1)
-        idx = (start[:, None] + torch.arange(self.config.image_tokens, device=h.device)).clamp(max=h.shape[1] - 1)
-        h_img = torch.gather(h, 1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, 256, H)
+        h_img = torch.gather(h, 1, self.image_slots(input_ids).expand(-1, -1, h.shape[-1]))  # (B, 256, H)
         K = timesteps_per_image
         cond = self.diff_head_projector(h_img).repeat_interleave(K, 0)  # (B*K, 256, Z)
         per_image = self.diff_head.loss(image_features.repeat_interleave(K, 0), cond).view(-1, K).mean(1)  # (B,)
@@ -439,31 +407,31 @@ class ScaleRAE(Qwen2ForCausalLM):
     def generate(self, prompts, stop_ids, image_start_id, image_features=None, max_new_tokens=512):
         """Greedy decoding of a batch of prompts with a KV cache, as the official loop does without one.
 
-        prompts: lists of token ids; an IMAGE_TOKEN in a prompt stands for the 256 slots of the matching row of
-        image_features (N, 256, C) (understanding). A row stops at a stop id (kept), at max_new_tokens, or when it
-        emits <im_start>: then <im_start> and the 256 latent queries are appended in one block and the projected
-        post-norm hidden states of the queries become its DiT condition. Like the official query mode, no text
-        follows an image. Returns per prompt (generated ids, condition (256, Z) or None).
+        prompts: lists of token ids; a run of 256 IMAGE_TOKEN slots holds row i of image_features (N, 256, C)
+        (understanding). A row stops at a stop id (kept), at max_new_tokens, or when it emits <im_start>: then
+        <im_start> and the 256 latent queries are appended in one block, and the projected post-norm hidden states of
+        the queries become its DiT condition (as official, no text follows an image).
+        Returns per prompt (generated ids, condition (256, Z) or None).
         """
         device, dtype = self.model.norm.weight.device, self.model.norm.weight.dtype
         T = self.config.image_tokens
-        prompts = [sum(([IMAGE_TOKEN] * T if t == IMAGE_TOKEN else [t] for t in p), []) for p in prompts]
         B, P = len(prompts), max(map(len, prompts))
-        total = P + max_new_tokens + 1 + T
+        cache = KVCache(self.config, B, P + max_new_tokens + 1 + T, device, dtype)
         ids = torch.zeros(B, P, dtype=torch.long, device=device)
-        valid = torch.zeros(B, total, dtype=torch.bool, device=device)  # real (non-padding) positions
+        valid = torch.zeros(B, cache.max_len, dtype=torch.bool, device=device)  # real (non-padding) positions
         for b, p in enumerate(prompts):  # left padding, so every row's next token lands in the same column
             ids[b, P - len(p):] = torch.tensor(p, device=device)
             valid[b, P - len(p):P] = True
-        positions = (valid.cumsum(-1) - 1).clamp(min=0)  # padding and skipped columns do not advance RoPE positions
         padded = not bool(valid[:, :P].all())
-        cache = KVCache(self.config, B, total, device, dtype)
-        x = self.embed(ids, image_features, None)
-        h = self(inputs_embeds=x, positions=positions[:, :P], mask=attention_mask(valid, 0, P) if padded else None,
-                 cache=cache)
-        out = [[] for _ in range(B)]
-        active = [True] * B
-        wants_image = [False] * B
+
+        def forward(x):  # the next x.shape[1] columns through the LLM; padding does not advance RoPE positions
+            col, n = cache.length, x.shape[1]
+            positions = (valid.cumsum(-1) - 1).clamp(min=0)[:, col:col + n]
+            mask = attention_mask(valid, col, n) if padded or col else None  # None: plain causal (SDPA's fast path)
+            return self(inputs_embeds=x, positions=positions, mask=mask, cache=cache)
+
+        h = forward(self.embed(ids, image_features, None))
+        out, active, wants_image = [[] for _ in range(B)], [True] * B, [False] * B
         for step in range(max_new_tokens):
             token = self.logits(h[:, -1]).argmax(-1)  # (B,) first maximum on ties, like torch.argmax in the official loop
             for b, t in enumerate(token.tolist()):  # one host sync per token: the loop must decide whether to stop
@@ -473,43 +441,43 @@ class ScaleRAE(Qwen2ForCausalLM):
                     active[b] = t not in stop_ids and not wants_image[b]
             if not any(active) or step == max_new_tokens - 1:
                 break
-            col = cache.length
-            valid[:, col] = torch.tensor(active, device=device)
-            positions = (valid.cumsum(-1) - 1).clamp(min=0)
-            h = self(token[:, None], positions=positions[:, col:col + 1], mask=attention_mask(valid, col, 1),
-                     cache=cache)
+            valid[:, cache.length] = torch.tensor(active, device=device)
+            h = forward(self.model.embed_tokens(token[:, None]))
         conditions = [None] * B
         rows = [b for b in range(B) if wants_image[b]]
         if rows:
             sel = torch.tensor(rows, device=device)
             cache.select(sel)
             valid = valid[sel]
-            col, n = cache.length, 1 + T
-            valid[:, col:col + n] = True
-            positions = (valid.cumsum(-1) - 1).clamp(min=0)
+            valid[:, cache.length:cache.length + 1 + T] = True
             start = self.model.embed_tokens(torch.full((len(rows), 1), image_start_id, device=device))
             queries = self.model.latent_queries.to(dtype)[None].expand(len(rows), -1, -1)
-            h = self(inputs_embeds=torch.cat([start, queries], 1), positions=positions[:, col:col + n],
-                     mask=attention_mask(valid, col, n), cache=cache)
-            y = self.diff_head_projector(h[:, 1:])  # (rows, 256, Z)
+            y = self.diff_head_projector(forward(torch.cat([start, queries], 1))[:, 1:])  # (rows, 256, Z)
             for i, b in enumerate(rows):
                 conditions[b] = y[i]
         return [(out[b], conditions[b]) for b in range(B)]
 
-    def chat(self, tokenizer, prompts, image_features=None, max_new_tokens=512):
-        """Greedy answers to user prompts (the chat template is applied here); with image_features (N, 256, C),
-        prompt i is about image i (understanding). Returns [(generated ids, DiT condition (256, Z) or None)]."""
+    def chat(self, tokenizer, prompts, image_features=None, max_new_tokens=512, batch_size=None):
+        """Greedy answers to user prompts (the chat template is applied here), batch_size prompts at a time; with
+        image_features (N, 256, C), prompt i is about image i (understanding). [(generated ids, condition or None)]."""
         with_image = image_features is not None
-        ids = [tokenizer.encode_with_image(chat_prompt(p, image=with_image), IMAGE_TOKEN) for p in prompts]
-        return self.generate(ids, stop_ids={tokenizer.chat_end}, image_start_id=tokenizer.image_start,
-                             image_features=image_features, max_new_tokens=max_new_tokens)
+        ids = [tokenizer.encode_with_image(chat_prompt(p, image=with_image), self.config.image_tokens) for p in prompts]
+        n = batch_size or len(ids)
+        return [r for i in range(0, len(ids), n) for r in self.generate(
+            ids[i:i + n], {tokenizer.chat_end}, tokenizer.image_start,
+            None if image_features is None else image_features[i:i + n], max_new_tokens)]
 
     @torch.no_grad()
-    def sample_latents(self, conditions, seeds, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None):
-        """DiT sampling: conditions (N, 256, Z) -> latents (N, 256, C) float32; image i starts from seed seeds[i]."""
-        noise = initial_noise(seeds, self.config.dit.in_channels, conditions.device, size=self.config.dit.input_size)
-        return self.diff_head.sample(conditions, noise, steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                                     progress=progress)
+    def sample_latents(self, conditions, seeds, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None,
+                       batch_size=None):
+        """DiT sampling, batch_size images at a time: conditions (N, 256, Z) -> latents (N, 256, C) float32; image i
+        starts from seed seeds[i], so a batch reproduces single-image results."""
+        n = batch_size or len(seeds)
+        return torch.cat([self.diff_head.sample(
+            conditions[i:i + n], initial_noise(seeds[i:i + n], self.config.dit.in_channels, conditions.device,
+                                               size=self.config.dit.input_size),
+            steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval, progress=progress)
+            for i in range(0, len(seeds), n)])
 
     checkpoint_keys = None  # every key of the file belongs to the model
     config_from = ScaleRAEConfig.from_official
@@ -538,19 +506,35 @@ def checkpoint_encoder(folder, config):
     return str(shipped) if shipped.is_dir() else config.encoder
 
 
-def load_pipeline(path, decoder=None, dtype=torch.float32, device="cpu"):
+def load_pipeline(path, decoder=None, dtype=None, device=None):
     """(model, tokenizer, rae) of a Scale-RAE checkpoint, a Hub id or a local folder; "toy" is the shipped toy model
-    (TOY_MODEL), from any working directory.
+    (TOY_MODEL), from any working directory. Defaults: cuda if available, bfloat16 there, float32 on the CPU.
 
     The RAE decoder defaults to the one released for the model's encoder (rae.DECODER_FOR_ENCODER). A checkpoint may
     ship its own parts, as the toy model does: an encoder path relative to its folder, and a `decoder/` subfolder.
-    The encoder itself is loaded only when an image is read (understanding)."""
-    folder = resolve(TOY_MODEL if str(path) == "toy" else path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    model = ScaleRAE.from_pretrained(folder, dtype=dtype, device=device)
-    tokenizer = Tokenizer.from_dir(folder)
-    encoder = checkpoint_encoder(folder, model.config)
-    if decoder is None:
-        decoder = str(folder / "decoder") if (folder / "decoder").is_dir() else DECODER_FOR_ENCODER.get(encoder)
-    if decoder is None:
-        raise WeightsError(f"no default RAE decoder for the encoder {encoder!r}; pass a decoder")
-    return model, tokenizer, RAE.from_pretrained(encoder, decoder, dtype=dtype, device=device)
+    The encoder is loaded only when an image is read. Every failure is a WeightsError with a one-line message."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    try:
+        folder = resolve(TOY_MODEL if str(path) == "toy" else path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+        model = ScaleRAE.from_pretrained(folder, dtype=dtype, device=device)
+        tokenizer = Tokenizer.from_dir(folder)
+        encoder = checkpoint_encoder(folder, model.config)
+        if decoder is None:
+            decoder = str(folder / "decoder") if (folder / "decoder").is_dir() else DECODER_FOR_ENCODER.get(encoder)
+        if decoder is None:
+            raise WeightsError(f"no default RAE decoder for the encoder {encoder!r}; pass a decoder")
+        return model, tokenizer, RAE.from_pretrained(encoder, decoder, dtype=dtype, device=device)
+    except (OSError, ValueError) as e:  # a missing or malformed file that the readers did not name themselves
+        raise WeightsError(f"{type(e).__name__}: {e}") from None
+
+
+def at_least(lo, kind=int):
+    """An argparse type for the scripts: a number >= lo, so a bad value is a usage error before anything loads."""
+    def parse(text):
+        value = kind(text)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse

@@ -19,7 +19,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 IMAGE_PLACEHOLDER = "<image>"  # stands for 256 image slots; never reaches the BPE
+IMAGE_TOKEN = -200  # the input id of an image slot (official IMAGE_TOKEN_INDEX)
 IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"  # Scale-RAE's image markers (added tokens)
+IMAGE = IMAGE_START + IMAGE_PLACEHOLDER + IMAGE_END  # an image in a turn (official mm_use_im_start_end)
 CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"  # ChatML turn markers; <|im_end|> ends generation
 PAD = "<|endoftext|>"  # the official training pad token
 SPECIAL_TOKENS = (PAD, CHAT_START, CHAT_END, IMAGE_START, IMAGE_END)  # added after the BPE vocabulary, in Qwen's order
@@ -37,7 +39,7 @@ def turn(role, content):
 def chat_prompt(user, image=False):
     """The inference prompt. With `image`, the user turn starts with `<im_start><image><im_end>\\n` (official cli)."""
     if image:
-        user = f"{IMAGE_START}{IMAGE_PLACEHOLDER}{IMAGE_END}\n{user}"
+        user = f"{IMAGE}\n{user}"
     return turn("system", SYSTEM_PROMPT) + turn("user", user) + f"{CHAT_START}assistant\n"
 
 
@@ -147,12 +149,13 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def encode_with_image(self, text, image_id):
-        """Token ids with every `<image>` replaced by one `image_id` placeholder (official tokenizer_image_token)."""
+    def encode_with_image(self, text, image_tokens):
+        """Token ids with every `<image>` replaced by its image_tokens slots, IMAGE_TOKEN each (official
+        tokenizer_image_token, then the expansion to one slot per encoder token)."""
         ids = []
         for i, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i:
-                ids.append(image_id)
+                ids += [IMAGE_TOKEN] * image_tokens
             ids += self.encode(chunk)
         return ids
 

@@ -4,7 +4,6 @@ Everything is offline on tiny random DiTs. Reference values (Fourier frequencies
 documented ones from the official code (inference-notes §2.5, §3.4); table formulas are re-derived here in float64.
 """
 
-import json
 import math
 
 import numpy as np
@@ -14,7 +13,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dit
 from dit import DiffusionHead, DiT, DiTConfig
-from weights import WeightsError, read_safetensors, save_safetensors
+from model import ScaleRAEConfig
+from weights import WeightsError, load_strict, read_safetensors, save_safetensors
+
+
+def load_dit(sd, cfg, dtype=torch.float32, cls=DiT):
+    """A DiT (or a DiffusionHead, whose `model` is the DiT) from official tensors named without `diff_head.model.`,
+    built on `meta` and loaded strictly, as model.py loads a checkpoint's head."""
+    with torch.device("meta"):
+        m = cls(cfg)
+    load_strict(m if cls is DiT else m.model, sd, "DiT weights", dtype=dtype)
+    return m
+
+
+def load_head(sd, cfg, dtype=torch.float32):
+    return load_dit(sd, cfg, dtype, DiffusionHead)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -65,7 +79,7 @@ class Recorder(torch.nn.Module):
 
 
 def recording_head(cfg, sd):
-    head = DiffusionHead.from_state_dict(sd, cfg).eval()
+    head = load_head(sd, cfg).eval()
     inner = head.model
     head.model = Recorder(inner)
     head.model.y_embedder = inner.y_embedder
@@ -128,11 +142,11 @@ def test_forward_uses_the_loaded_tables():
     sd = random_state(cfg)
     x, t, y = inputs(cfg)
     with torch.no_grad():
-        base = DiT.from_state_dict(sd, cfg)(x, t, y)
+        base = load_dit(sd, cfg)(x, t, y)
         for key, change in [("pos_embed", lambda v: v + 0.1),
                             ("feat_rope.freqs_cos", torch.ones_like), ("feat_rope.freqs_sin", torch.zeros_like)]:
             sd2 = dict(sd, **{key: change(sd[key])})
-            m = DiT.from_state_dict(sd2, cfg)
+            m = load_dit(sd2, cfg)
             assert torch.equal(m.state_dict()[key], sd2[key])
             assert (m(x, t, y) - base).abs().max() > 1e-3, key
 
@@ -181,7 +195,7 @@ def test_forward_matches_the_documented_arithmetic(input_size):
     sd = random_state(cfg)
     x, t, y = inputs(cfg, B=3)
     with torch.no_grad():
-        got = DiT.from_state_dict(sd, cfg)(x, t, y)
+        got = load_dit(sd, cfg)(x, t, y)
     ref = reference_forward(sd, cfg, x, t, y)
     assert ref.abs().max() > 0.5
     torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-5)
@@ -206,18 +220,13 @@ def test_round_trip_through_official_names(tmp_path):
     full["diff_head_projector.weight"] = torch.randn(cfg.z_channels, 32)   # other parts of the checkpoint
     full["model.norm.weight"] = torch.ones(32)
     save_safetensors(full, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "hidden_size": 32, "diffusion_model_hidden_size": 64, "diffusion_model_depth": 2, "diffusion_model_heads": 4,
-        "diffusion_model_z_channels": 48, "diffusion_model_channels": 8, "diffusion_class_dropout_prob": 0.1,
-        "vision_loss": "diffusion-loss", "patch_size": 2}))
     read = read_safetensors(tmp_path, prefix="diff_head.model.")
     assert sorted(read) == sorted(sd)
-    m = DiT.from_state_dict(read, cfg)
+    m = load_dit(read, cfg)
     got = m.state_dict()
     assert sorted(got) == sorted(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
     assert not m.pos_embed.requires_grad and all(p.requires_grad for n, p in m.named_parameters() if n != "pos_embed")
-    head = DiffusionHead.from_pretrained(tmp_path)
-    assert head.config == cfg and not head.training
+    head = load_head(read, cfg)
     x, t, y = inputs(cfg)
     with torch.no_grad():
         assert torch.equal(head.model(x, t, y), m(x, t, y))
@@ -227,22 +236,29 @@ def test_missing_unexpected_and_misshaped_keys_are_clear_errors():
     cfg = tiny()
     sd = random_state(cfg)
     with pytest.raises(WeightsError, match=r"missing \(1\): dit_blocks\.1\.mlp\.w3\.bias"):
-        DiT.from_state_dict({k: v for k, v in sd.items() if k != "dit_blocks.1.mlp.w3.bias"}, cfg)
+        load_dit({k: v for k, v in sd.items() if k != "dit_blocks.1.mlp.w3.bias"}, cfg)
     with pytest.raises(WeightsError, match=r"unexpected \(1\): s_embedder\.proj\.weight"):
-        DiT.from_state_dict(dict(sd, **{"s_embedder.proj.weight": torch.zeros(1)}), cfg)
+        load_dit(dict(sd, **{"s_embedder.proj.weight": torch.zeros(1)}), cfg)
     with pytest.raises(WeightsError, match=r"wrong shape \(1\): final_layer\.linear\.weight"):
-        DiT.from_state_dict(dict(sd, **{"final_layer.linear.weight": torch.zeros(9, 64)}), cfg)
+        load_dit(dict(sd, **{"final_layer.linear.weight": torch.zeros(9, 64)}), cfg)
     with pytest.raises(WeightsError, match="y_embedder.dropout_embedding"):  # no dropout -> no null condition key
-        DiT.from_state_dict(sd, tiny(class_dropout_prob=0.0))
+        load_dit(sd, tiny(class_dropout_prob=0.0))
 
 
 def test_config_from_checkpoint():
+    """The head's configuration is read from a Scale-RAE config.json (model.ScaleRAEConfig.from_official); without
+    diffusion_class_dropout_prob the official fallback 0.0 applies (no learned null condition)."""
     d = {"hidden_size": 1536, "diffusion_model_hidden_size": 3072, "diffusion_model_depth": 48,
-         "diffusion_model_heads": 48, "diffusion_model_z_channels": 0, "diffusion_class_dropout_prob": 0.1}
-    cfg = DiTConfig.from_checkpoint_config(d)
-    assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.z_channels, cfg.in_channels) == (3072, 48, 48, 1536, 1152)
+         "diffusion_model_heads": 48, "diffusion_model_z_channels": 2560, "diffusion_model_channels": 1024,
+         "mm_vision_tower_aux_list": ["facebook/webssl-dino300m-full2b-224"]}
+    cfg = ScaleRAEConfig.from_official(d).dit
+    assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.z_channels, cfg.in_channels, cfg.class_dropout_prob) == \
+        (3072, 48, 48, 2560, 1024, 0.0)
+    assert ScaleRAEConfig.from_official(dict(d, diffusion_class_dropout_prob=0.1)).dit.class_dropout_prob == 0.1
     with pytest.raises(WeightsError, match="diffusion_model_depth"):
-        DiTConfig.from_checkpoint_config({k: v for k, v in d.items() if k != "diffusion_model_depth"})
+        ScaleRAEConfig.from_official({k: v for k, v in d.items() if k != "diffusion_model_depth"})
+    with pytest.raises(WeightsError, match="diffusion_model_z_channels"):
+        ScaleRAEConfig.from_official(dict(d, diffusion_model_z_channels=0))
     assert DiffusionHead(tiny(in_channels=1024, hidden_size=16, depth=1, num_heads=1, z_channels=8, input_size=16)).shift == 8.0
     assert abs(flow_shift_1152 - math.sqrt(72)) < 1e-12
 
@@ -389,8 +405,8 @@ def test_bfloat16_forward_and_sampler():
     cfg = tiny()
     sd = random_state(cfg)
     x, t, y = inputs(cfg)
-    h32 = DiffusionHead.from_state_dict(sd, cfg).eval()
-    h16 = DiffusionHead.from_state_dict(sd, cfg, dtype=torch.bfloat16).eval()
+    h32 = load_head(sd, cfg).eval()
+    h16 = load_head(sd, cfg, dtype=torch.bfloat16).eval()
     assert h16.model.dit_blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     assert h16.model.feat_rope.freqs_cos.dtype == torch.float32 and h16.model.t_embedder.W.dtype == torch.float32
     with torch.no_grad():
@@ -405,7 +421,7 @@ def test_bfloat16_forward_and_sampler():
 
 def test_flops_match_a_flop_counter(monkeypatch):
     cfg = tiny(input_size=16)
-    m = DiT.from_state_dict(random_state(cfg), cfg)
+    m = load_dit(random_state(cfg), cfg)
     x, t, y = inputs(cfg, B=1)
 
     def explicit_attention(q, k, v):  # the counter does not see the CPU SDPA kernel; count its two matmuls instead
@@ -437,7 +453,7 @@ def test_fresh_init_is_adaln_zero():
 
 def test_loss_formula_draws_and_condition_dropout():
     cfg = tiny()
-    head = DiffusionHead.from_state_dict(random_state(cfg), cfg)
+    head = load_head(random_state(cfg), cfg)
     B = 4
     x0, y = torch.randn(B, cfg.tokens, cfg.in_channels), torch.randn(B, cfg.tokens, cfg.z_channels)
     head.eval()
@@ -453,7 +469,7 @@ def test_loss_formula_draws_and_condition_dropout():
         v = head.model(xt, t, y)
     torch.testing.assert_close(got, ((v - (eps - x0g)) ** 2).mean(dim=(1, 2, 3)), atol=1e-6, rtol=1e-6)
     # training mode with p = 1: every condition is the learned null condition
-    h1 = DiffusionHead.from_state_dict(random_state(cfg), tiny(class_dropout_prob=1.0)).train()
+    h1 = load_head(random_state(cfg), tiny(class_dropout_prob=1.0)).train()
     fixed_t, fixed_eps = torch.full((B,), 0.5), torch.randn(B, cfg.in_channels, 4, 4)
     dropped = h1.loss(x0, y, t=fixed_t, noise=fixed_eps)
     null = h1.model.y_embedder.null(B, cfg.tokens)

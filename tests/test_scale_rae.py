@@ -10,7 +10,8 @@ import torch
 
 import dit
 from dit import DiTConfig
-from model import IMAGE_TOKEN, SCALE_RAE_PRESETS, ScaleRAE, ScaleRAEConfig
+from model import SCALE_RAE_PRESETS, ScaleRAE, ScaleRAEConfig
+from tokenizer import IMAGE_TOKEN
 from weights import WeightsError
 
 NUM_IMAGE_TOKENS = 256  # the test configs keep the released 16 x 16 grid (DiTConfig.input_size)
@@ -226,10 +227,10 @@ def test_batched_generation_equals_single_prompts():
 
 @torch.no_grad()
 def test_understanding_prompt_reads_the_image():
-    """An IMAGE_TOKEN in a prompt becomes 256 projected feature vectors; the answer equals the reference loop
-    run on the spliced embeddings, and depends on the image."""
+    """The 256 IMAGE_TOKEN slots of a prompt become 256 projected feature vectors; the answer equals the reference
+    loop run on the spliced embeddings, and depends on the image."""
     model = tiny_model()
-    prompt = [5, 6, IMAGE_TOKEN, 8, 9]
+    prompt = [5, 6] + [IMAGE_TOKEN] * NUM_IMAGE_TOKENS + [8, 9]
     feats = torch.randn(1, NUM_IMAGE_TOKENS, 32)
     ids, _ = model.generate([prompt], stop_ids=set(), image_start_id=-1, image_features=feats, max_new_tokens=4)[0]
     expanded = torch.tensor([[5, 6] + [IMAGE_TOKEN] * NUM_IMAGE_TOKENS + [8, 9]])

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from helpers import QWEN_ADDED_TOKENS, qwen_tokenizer_files
-from tokenizer import SYSTEM_PROMPT, Tokenizer, chat_prompt, turn
+from tokenizer import IMAGE_TOKEN, SYSTEM_PROMPT, Tokenizer, chat_prompt, turn
 
 STRINGS = [
     "", "a", "Hello, world!", "hello world", "Hello   world", "   leading spaces", "trailing spaces   ",
@@ -76,12 +76,13 @@ def test_special_tokens_resolved_from_files(ours, slow):
     assert len(ours) == len(slow) == 151667
 
 
-def test_image_placeholder_becomes_one_marker(ours):
+def test_image_placeholder_becomes_its_slots_between_the_markers(ours):
     text = chat_prompt("Describe it.", image=True)
-    ids = ours.encode_with_image(text, -200)
-    assert ids.count(-200) == 1
+    ids = ours.encode_with_image(text, 256)
+    assert ids.count(-200) == 256 and IMAGE_TOKEN == -200
     i = ids.index(-200)
-    assert ids[i - 1] == ours.image_start and ids[i + 1] == ours.image_end
+    assert ids[i - 1] == ours.image_start and ids[i:i + 256] == [-200] * 256 and ids[i + 256] == ours.image_end
+    assert [t for t in ids if t != -200] == [t for t in ours.encode_with_image(text, 1) if t != -200]
 
 
 def test_vocab_and_merges_equal_tokenizer_json(ours, folder, tmp_path):
