@@ -1,25 +1,14 @@
-"""Evaluate a Scale-RAE checkpoint on the synthetic shapes (issue 7): GenEval-like generation accuracy on seen and
-held-out attribute combinations, and understanding accuracy on real and generated images. Deterministic.
+"""Evaluate a Scale-RAE checkpoint on the synthetic shapes: GenEval-like generation accuracy on seen and held-out
+attribute combinations, and understanding accuracy on real and generated images. Deterministic.
 
     python evaluate.py --model-path toy --num-prompts 100 --seed 0 --grid eval.png --json eval.json
 
-Generation. A fixed prompt set from the synthetic generator (data.py): half of the prompts ask for a (color, shape)
-pair the toy model saw in training, half for a pair of data.TOY_HOLDOUT, which the toy training data never shows
-(compositional generalization); count, size and position are uniform. Each prompt gets one image through the real
-pipeline, as sample.py makes it: tokenizer.chat_prompt -> ScaleRAE.generate -> ScaleRAE.sample_latents (prompt i
-from seed + i) -> RAE decoder. The deterministic analyzer (data.analyze_shapes) reads back color, shape, position,
-count and size; a prompt is right "overall" when color, shape, position and count all are (size is reported too).
-A prompt that gets no image (the model never opened one) is wrong on everything.
-
-Understanding. Questions as the training data asks them (data.QUESTIONS, one attribute per image in turn), about
-  real images   rendered shapes (seen combinations, plain or two-tone backgrounds) -> RAE encoder -> the model;
-  generated     each generated latent, fed back as image features, asked about the prompt's attribute; scored
-                against the prompt, and its agreement with what the analyzer reads in the decoded image is reported.
-The first word of the answer that is a possible answer counts (data.read_answer).
-
-Output: a table on stdout; --json the numbers (fractions in [0, 1]) and every sample; --grid a PNG of the samples
-with their prompts (green: all scored attributes right, red: the wrong ones listed). The DiT dominates the cost
-(the official schedule makes 49 evaluations per image); --steps 10 gives a quick estimate.
+Generation: half the prompts ask for a (color, shape) pair the toy model saw in training, half for one of
+shapes.TOY_HOLDOUT (compositional generalization); one image each through the real pipeline (prompt i from seed + i),
+read back by the deterministic analyzer (shapes.analyze_shapes); "overall" needs color, shape, position and count
+right, and no image is wrong on everything. Understanding: the training data's questions about rendered images
+(through the encoder) and about each generated latent fed back as image features (scored against the prompt, and
+against what the analyzer reads). Output: a table; --json every number and sample; --grid a PNG of the samples.
 """
 
 import argparse
@@ -34,8 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes, analyze_shapes,
                   generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
-from sample import check_sampling_args, load
-from weights import write_atomic
+from model import at_least, load_pipeline
+from weights import WeightsError, write_atomic
 
 ATTRIBUTES = SCORED + ("size",)
 SPLITS = ("seen", "held-out")
@@ -47,15 +36,15 @@ def parse_args(argv=None):
     p.add_argument("--model-path", default="toy", help="Hub id or local folder of a Scale-RAE checkpoint (default: the shipped toy model)")
     p.add_argument("--decoder-repo", help="Hub id or local folder of the RAE decoder (default: the one for the "
                                           "model's encoder)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompt and question sets and of the DiT noise")
-    p.add_argument("--num-prompts", type=int, default=100, help="generation prompts (half seen, half held-out)")
-    p.add_argument("--num-questions", type=int, help="understanding questions about real images (default: "
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the prompt and question sets and of the DiT noise")
+    p.add_argument("--num-prompts", type=at_least(1), default=100, help="generation prompts (half seen, half held-out)")
+    p.add_argument("--num-questions", type=at_least(0), help="understanding questions about real images (default: "
                                                      "--num-prompts; 0 = none, the encoder is then never loaded)")
-    p.add_argument("--steps", type=int, help="Euler steps (default: the official 50-step, 49-evaluation schedule)")
-    p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=float, default=1.0,
+    p.add_argument("--steps", type=at_least(1), help="Euler steps (default: the official 50-step, 49-evaluation schedule)")
+    p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0,
                    help="classifier-free guidance scale; 1.0 = off")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="per answer, and before an image opens")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per LLM batch and images per DiT batch")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="per answer, and before an image opens")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="prompts per LLM batch and images per DiT batch")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--grid", help="write a PNG grid of the samples with their prompts here")
@@ -63,9 +52,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.num_questions is None:
         args.num_questions = args.num_prompts
-    if args.num_prompts < 1 or args.num_questions < 0:
-        p.error("--num-prompts must be >= 1 and --num-questions >= 0")
-    check_sampling_args(p, args)
     if args.grid and not args.grid.lower().endswith(".png"):
         p.error(f"--grid must name a .png file, got {args.grid}")
     return args
@@ -101,30 +87,10 @@ def question_set(seed, n, image_size, holdout=TOY_HOLDOUT):
     return out
 
 
-# ---- the pipeline: the calls sample.py makes ----
-
-def llm(model, tokenizer, texts, features=None, max_new_tokens=32, batch_size=32):
-    """Greedy generation for user turns `texts` (with image features (N, 256, C): about those images), batched:
-    [(answer text, DiT condition (256, Z) or None)]."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        gen = model.chat(tokenizer, texts[i:i + batch_size], None if features is None else features[i:i + batch_size],
-                         max_new_tokens=max_new_tokens)
-        out += [(tokenizer.decode(token_ids), cond) for token_ids, cond in gen]
-    return out
-
-
-def dit(model, conditions, seeds, steps=None, cfg_scale=1.0, batch_size=32):
-    """Latents (N, 256, C) float32 for conditions (N, 256, Z); image i starts from seed seeds[i]."""
-    import torch
-    return torch.cat([model.sample_latents(torch.stack(conditions[i:i + batch_size]), seeds[i:i + batch_size],
-                                           steps=steps, cfg_scale=cfg_scale)
-                      for i in range(0, len(conditions), batch_size)])
-
-
-def decode(rae, latents, batch_size=32):
-    """PIL images of latents (N, 256, C), as sample.py writes them."""
-    return [im for i in range(0, len(latents), batch_size) for im in rae.to_pil(rae.decode(latents[i:i + batch_size]))]
+def ask(model, tokenizer, texts, features, args):
+    """Greedy answers [(text, DiT condition or None)] to user turns `texts` (about images: features (N, 256, C))."""
+    return [(tokenizer.decode(ids), cond) for ids, cond in
+            model.chat(tokenizer, texts, features, args.max_new_tokens, args.batch_size)]
 
 
 # ---- scoring ----
@@ -217,22 +183,25 @@ def save_grid(path, samples, columns=8, cell=160, text_lines=5):
 def main(argv=None):
     args = parse_args(argv)
     import torch
-
-    from weights import WeightsError
-
-    model, tokenizer, rae, device, dtype = load(args)
+    try:
+        model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, args.dtype and getattr(torch, args.dtype),
+                                              args.device)
+    except WeightsError as e:
+        sys.exit(f"error: {e}")
+    dtype = model.model.norm.weight.dtype
 
     # Generation: one image per prompt, prompt i from seed + i.
     t0 = time.perf_counter()
     samples = prompt_set(args.seed, args.num_prompts)
-    for r, (text, cond) in zip(samples, llm(model, tokenizer, [r["prompt"] for r in samples],
-                                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)):
+    for r, (text, cond) in zip(samples, ask(model, tokenizer, [r["prompt"] for r in samples], None, args)):
         r.update(text=text, cond=cond, latent=None, image=None)
     drawn = [(i, r) for i, r in enumerate(samples) if r["cond"] is not None]
     if drawn:
-        latents = dit(model, [r["cond"] for _, r in drawn], [args.seed + i for i, _ in drawn], args.steps,
-                      args.guidance_level, args.batch_size)
-        for (_, r), x, image in zip(drawn, latents, decode(rae, latents.to(dtype), args.batch_size)):
+        latents = model.sample_latents(torch.stack([r["cond"] for _, r in drawn]), [args.seed + i for i, _ in drawn],
+                                       args.steps, args.guidance_level, batch_size=args.batch_size)
+        images = [im for i in range(0, len(latents), args.batch_size)
+                  for im in rae.to_pil(rae.decode(latents[i:i + args.batch_size].to(dtype)))]
+        for (_, r), x, image in zip(drawn, latents, images):
             r.update(latent=x, image=image)
     for r in samples:
         r["found"], r["right"] = score(r["shapes"], r["image"])
@@ -248,7 +217,7 @@ def main(argv=None):
             sys.exit(f"error: {e}")
         features = torch.cat([rae.encode([q["image"] for q in real[i:i + args.batch_size]])
                               for i in range(0, len(real), args.batch_size)]).to(dtype)
-        answers = llm(model, tokenizer, [q["question"] for q in real], features, args.max_new_tokens, args.batch_size)
+        answers = ask(model, tokenizer, [q["question"] for q in real], features, args)
         for q, (text, _) in zip(real, answers):
             q.update(text=text, right=dict(answer=read_answer(text, q["attribute"]) == q["answer"]))
     generated = []
@@ -260,8 +229,7 @@ def main(argv=None):
                               analyzer=COUNT_WORDS.get(found) if attribute == "count" else found))
     if generated:
         features = torch.stack([r["latent"] for _, r in drawn]).to(dtype)
-        answers = llm(model, tokenizer, [q["question"] for q in generated], features, args.max_new_tokens,
-                      args.batch_size)
+        answers = ask(model, tokenizer, [q["question"] for q in generated], features, args)
         for q, (text, _) in zip(generated, answers):
             said = read_answer(text, q["attribute"])
             q.update(text=text, right=dict(answer=said == q["answer"],

@@ -1,22 +1,27 @@
-"""sample.py end to end, as a subprocess, on tiny random checkpoints in the exact official on-disk layout:
-model folder (official config.json field set, model.safetensors, slow-format tokenizer files), decoder folder
-(ViT-MAE config.json + model.pt), and a SigLIP encoder folder."""
+"""sample.py end to end, called in-process as `sample.main(argv)`, on tiny random checkpoints in the exact official
+on-disk layout: model folder (official config.json field set, model.safetensors, slow-format tokenizer files),
+decoder folder (ViT-MAE config.json + model.pt), and a SigLIP encoder folder. (tests/test_toy.py runs the script
+itself, as the README's quick start does.)"""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import sample
 from helpers import write_scale_rae_tokenizer
 from test_rae import write_decoder
 
-ROOT = Path(__file__).parents[1]
 IM_START = 151665
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No Hub: a repo id that is not a local folder fails at once, as on an air-gapped machine."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def official_config(encoder_dir, **over):
@@ -66,12 +71,15 @@ def dirs(tmp_path_factory, tiny_siglip_dir):
                 decoder=write_decoder(root / "decoder"), root=root)
 
 
-def run(dirs, *args, model="t2i", ok=True):
-    cmd = [sys.executable, str(ROOT / "sample.py"), "--model-path", str(dirs[model]), "--decoder-repo",
-           str(dirs["decoder"]), "--device", "cpu", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert (p.returncode == 0) == ok, p.stdout + p.stderr
-    return p
+def run(capsys, dirs, *args, model="t2i", ok=True):
+    """sample.main on dirs[model]; returns what it printed (stdout, or with ok=False its exit message + stderr)."""
+    argv = ["--model-path", str(dirs[model]), "--decoder-repo", str(dirs["decoder"]), "--device", "cpu", *args]
+    if ok:
+        sample.main(argv)
+        return capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    return f"{e.value.code}\n{capsys.readouterr().err}"
 
 
 def manifest(out):
@@ -79,28 +87,29 @@ def manifest(out):
     return json.loads(path.read_text())
 
 
-def test_text_to_image_writes_pngs_latents_and_manifest(dirs, tmp_path):
-    p = run(dirs, "--prompt", "Can you generate a red circle?", "--steps", "3", "--save-latent",
+def test_text_to_image_writes_pngs_latents_and_manifest(dirs, tmp_path, capsys):
+    out = run(capsys, dirs, "--prompt", "Can you generate a red circle?", "--steps", "3", "--save-latent",
             "--output-dir", str(tmp_path))
     m = manifest(tmp_path)
-    assert len(m["images"]) == 1 and len(m["latents"]) == 1 and m["token_ids"] == [IM_START]
-    assert m["prompt"] == "Can you generate a red circle?" and m["seed"] == 42 and m["steps"] == 3
+    [r] = m["results"]
+    assert len(m["images"]) == 1 and len(m["latents"]) == 1 and r["token_ids"] == [IM_START] and r["seeds"] == [42]
+    assert r["prompt"] == "Can you generate a red circle?" and m["seed"] == 42 and m["steps"] == 3
     assert m["guidance_level"] == 1.0 and m["dtype"] == "float32" and m["model_path"] == str(dirs["t2i"])
     from PIL import Image
     assert Image.open(m["images"][0]).size == (224, 224)
     assert load_file(m["latents"][0])["latent"].shape == (256, 32)
-    assert all(f"wrote {f}" in p.stdout for f in m["images"] + m["latents"])
+    assert all(f"wrote {f}" in out for f in m["images"] + m["latents"])
     # A second run never overwrites the first.
-    run(dirs, "--prompt", "Can you generate a red circle?", "--steps", "3", "--output-dir", str(tmp_path))
+    run(capsys, dirs, "--prompt", "Can you generate a red circle?", "--steps", "3", "--output-dir", str(tmp_path))
     assert len(list(tmp_path.glob("*.png"))) == 2 and len(list(tmp_path.glob("*manifest*.json"))) == 2
 
 
-def test_batch_image_zero_equals_single_run_and_cfg_changes_the_image(dirs, tmp_path):
-    run(dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--num-images", "3", "--seed", "7",
+def test_batch_image_zero_equals_single_run_and_cfg_changes_the_image(dirs, tmp_path, capsys):
+    run(capsys, dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--num-images", "3", "--seed", "7",
         "--output-dir", str(tmp_path / "batch"))
-    run(dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--seed", "7", "--output-dir", str(tmp_path / "one"))
-    run(dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--seed", "8", "--output-dir", str(tmp_path / "two"))
-    run(dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--seed", "7", "--cfg", "4.0",
+    run(capsys, dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--seed", "7", "--output-dir", str(tmp_path / "one"))
+    run(capsys, dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--seed", "8", "--output-dir", str(tmp_path / "two"))
+    run(capsys, dirs, "--prompt", "a cat", "--steps", "2", "--save-latent", "--seed", "7", "--cfg", "4.0",
         "--output-dir", str(tmp_path / "cfg"))
     lat = {k: [load_file(f)["latent"] for f in manifest(tmp_path / k)["latents"]] for k in ("batch", "one", "two", "cfg")}
     assert len(lat["batch"]) == 3
@@ -109,47 +118,49 @@ def test_batch_image_zero_equals_single_run_and_cfg_changes_the_image(dirs, tmp_
     assert (lat["cfg"][0] - lat["one"][0]).abs().max() > 1e-3  # real guidance, not the official no-op
 
 
-def test_understanding_from_an_image_and_from_a_latent(dirs, tmp_path):
+def test_understanding_from_an_image_and_from_a_latent(dirs, tmp_path, capsys):
     from PIL import Image
     Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
-    p = run(dirs, "--image", str(tmp_path / "red.png"), "--prompt", "What color is it?", "--max-new-tokens", "5",
+    out = run(capsys, dirs, "--image", str(tmp_path / "red.png"), "--prompt", "What color is it?", "--max-new-tokens", "5",
             "--output-dir", str(tmp_path / "img"), model="chat")
     m = manifest(tmp_path / "img")
-    assert len(m["token_ids"]) == 5 and m["input_image"].endswith("red.png") and "text:" in p.stdout
+    assert len(m["results"][0]["token_ids"]) == 5 and m["input_image"].endswith("red.png") and "text:" in out
     save_file({"latent": torch.randn(256, 32)}, tmp_path / "lat.safetensors")
-    run(dirs, "--latent", str(tmp_path / "lat.safetensors"), "--prompt", "Describe it.", "--max-new-tokens", "5",
+    run(capsys, dirs, "--latent", str(tmp_path / "lat.safetensors"), "--prompt", "Describe it.", "--max-new-tokens", "5",
         "--output-dir", str(tmp_path / "lat"), model="chat")
-    assert len(manifest(tmp_path / "lat")["token_ids"]) == 5
+    assert len(manifest(tmp_path / "lat")["results"][0]["token_ids"]) == 5
     # --latent alone decodes it.
-    run(dirs, "--latent", str(tmp_path / "lat.safetensors"), "--output-dir", str(tmp_path / "dec"))
+    run(capsys, dirs, "--latent", str(tmp_path / "lat.safetensors"), "--output-dir", str(tmp_path / "dec"))
     assert len(manifest(tmp_path / "dec")["images"]) == 1
 
 
-def test_no_image_when_the_model_never_opens_one(dirs, tmp_path):
-    p = run(dirs, "--prompt", "hello", "--max-new-tokens", "3", "--output-dir", str(tmp_path), model="chat")
+def test_no_image_when_the_model_never_opens_one(dirs, tmp_path, capsys):
+    out = run(capsys, dirs, "--prompt", "hello", "--max-new-tokens", "3", "--output-dir", str(tmp_path), model="chat")
     m = manifest(tmp_path)
-    assert m["images"] == [] and len(m["token_ids"]) == 3 and m["results"][0]["image_produced"] is False
-    assert "no image produced" in p.stdout
+    assert m["images"] == [] and len(m["results"][0]["token_ids"]) == 3 and m["results"][0]["image_produced"] is False
+    assert "no image produced" in out
 
 
 @pytest.mark.parametrize("args,message", [
     (["--prompt", "  "], "empty prompt"),
-    (["--prompt", "x", "--seed", "-1"], "--seed must be >= 0"),
-    (["--prompt", "x", "--steps", "0"], "--steps must be >= 1"),
-    (["--prompt", "x", "--guidance-level", "-2"], "--guidance-level must be >= 0"),
+    (["--prompt", "x", "--seed", "-1"], "--seed: must be >= 0"),
+    (["--prompt", "x", "--steps", "0"], "--steps: must be >= 1"),
+    (["--prompt", "x", "--steps", "two"], "--steps: invalid int value"),
+    (["--prompt", "x", "--guidance-level", "-2"], "--guidance-level/--cfg: must be >= 0"),
     (["--prompt", "x", "--image", "/nonexistent.png"], "/nonexistent.png"),
     (["--latent", "/nonexistent.safetensors"], "not a latent file"),
     ([], "give --prompt"),
 ])
-def test_bad_input_fails_fast_with_a_clear_message(dirs, args, message):
-    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model-path", "/nonexistent/model", *args],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+def test_bad_input_fails_fast_with_a_clear_message(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "load_pipeline", None)  # nothing may be loaded
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model-path", "/nonexistent/model", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_missing_weights_and_bad_checkpoints_are_one_clear_message(dirs, tmp_path):
-    p = run(dirs, "--prompt", "x", "--model-path", "nyu-visionx/not-a-real-repo", ok=False)
-    assert "error:" in p.stderr and "Traceback" not in p.stderr and "not-a-real-repo" in p.stderr
+def test_missing_weights_and_bad_checkpoints_are_one_clear_message(dirs, tmp_path, capsys):
+    out = run(capsys, dirs, "--prompt", "x", "--model-path", "nyu-visionx/not-a-real-repo", ok=False)
+    assert out.startswith("error:") and "not-a-real-repo" in out
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in dirs["t2i"].iterdir():
@@ -157,5 +168,5 @@ def test_missing_weights_and_bad_checkpoints_are_one_clear_message(dirs, tmp_pat
     sd = load_file(bad / "model.safetensors")
     del sd["diff_head_projector.bias"]
     save_file(sd, bad / "model.safetensors")
-    p = run(dirs, "--prompt", "x", "--model-path", str(bad), ok=False)
-    assert "missing (1): diff_head_projector.bias" in p.stderr and "Traceback" not in p.stderr
+    out = run(capsys, dirs, "--prompt", "x", "--model-path", str(bad), ok=False)
+    assert out.startswith("error:") and "missing (1): diff_head_projector.bias" in out
