@@ -13,7 +13,6 @@ restores it exactly.
 """
 
 import functools
-import io
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encoders import load_image
 from tokenizer import IMAGE, IMAGE_PLACEHOLDER, IMAGE_TOKEN, SYSTEM_PROMPT, turn
 
 log = logging.getLogger(__name__)
@@ -108,16 +108,6 @@ def pad_to(ids, labels, max_len, pad_id):
 # --------------------------------------------------------------------------------------------------------------
 # Readers. A source is a list of shards; read(shard, start) yields that shard's records from index `start` on.
 # A record is {"key", "conversations", "metadata", "images": [path or bytes or None (missing)]} or {"key", "error"}.
-
-def load_image(src, name=None):
-    """A PIL RGB image from a path or the bytes of an image file; ValueError naming it when unreadable."""
-    name = name or str(src)
-    try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            return im.convert("RGB")  # convert() decodes the whole file, so a truncated one fails here
-    except Exception as e:  # OSError/UnidentifiedImageError, DecompressionBombError, SyntaxError from bad headers
-        raise ValueError(f"cannot read image {name}: {type(e).__name__}: {e}") from None
-
 
 def _image_list(value):
     """The official `_has_image`: a path or a list of paths; '', None, 'None', 'nan' mean no image."""

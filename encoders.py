@@ -1,25 +1,18 @@
 """The frozen representation encoders of Scale-RAE and their image preprocessing, hand-written.
 
-Scale-RAE (arXiv 2601.16208) generates and reads images in the token space of a frozen, pretrained encoder
-(a Representation AutoEncoder, RAE: Zheng et al., arXiv 2510.11690). Two encoders are released:
-
-  SigLIP-2 So400M/14 at 224  (`google/siglip2-so400m-patch14-224`, the default)   -> 256 tokens x 1152
-  WebSSL-DINO 300M at 224    (`facebook/webssl-dino300m-full2b-224`, DINOv2 arch.)  -> 256 tokens x 1024
-
-The RAE latent is, exactly as the official towers compute it (scale_rae/model/multimodal_encoder/):
-  SigLIP  the output of the LAST encoder layer, taken BEFORE `post_layernorm`, then a LayerNorm without weight
-          and bias (eps 1e-6) (siglip_encoder.py; RAE's `SigLIP2wNorm`). post_layernorm and the attention-pooling
-          head are neither run nor loaded.
-  DINOv2  the final (affine) LayerNorm output without the CLS token (and register tokens, if any) (dino_encoder.py).
-
-Parameter names are transformers' (`SiglipVisionTransformer` under `vision_model.`, `Dinov2Model`), so the Hub
-checkpoints load with no renaming; tests/test_encoders.py checks both against transformers to 1e-5 in float32.
-Preprocessing reproduces the slow transformers image processors the official code uses (PIL resize on uint8,
-x * rescale in float64 -> float32, (x - mean) / std in float32), with the numbers from `preprocessor_config.json`.
+Scale-RAE (arXiv 2601.16208) generates and reads images in the token space of a frozen encoder (a Representation
+AutoEncoder, RAE: arXiv 2510.11690): SigLIP-2 So400M/14 (`google/siglip2-so400m-patch14-224`, the default, 256 x 1152)
+or WebSSL-DINO 300M (`facebook/webssl-dino300m-full2b-224`, DINOv2 architecture, 256 x 1024). The latent is what the
+official towers compute (scale_rae/model/multimodal_encoder/): for SigLIP the LAST layer's output taken BEFORE
+`post_layernorm`, then a LayerNorm without weight and bias (eps 1e-6; post_layernorm and the pooling head are neither
+run nor loaded); for DINOv2 the final LayerNorm output without the CLS (and register) tokens.
+Parameter names are transformers', so the Hub checkpoints load with no renaming. Preprocessing reproduces the slow
+transformers image processors (PIL resize on uint8, rescale in float64, normalize in float32).
 """
 
+import io
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from weights import WeightsError, load_strict, read_config, read_safetensors, resolve, save_safetensors
+from weights import WeightsError, from_dict, load_strict, read_config, read_safetensors, resolve, save_safetensors
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}  # transformers' names
 
@@ -38,12 +31,6 @@ def activation(name):
     if name not in ACTIVATIONS:
         raise WeightsError(f"hidden_act {name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
     return ACTIVATIONS[name]
-
-
-def from_dict(cls, d):
-    """A config dataclass from a Hugging Face config dict; absent fields keep transformers' defaults."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
@@ -81,10 +68,8 @@ ENCODER_PRESETS = {
                                                             patch_size=14),
     "facebook/webssl-dino300m-full2b-224": Dinov2Config(hidden_size=1024, num_hidden_layers=24,
                                                         num_attention_heads=16),
-    # Issue 7's toy encoder: a SigLIP-architecture ViT, 64 px in patches of 8 -> 8 x 8 = 64 tokens (a quarter of
-    # the real 256, so that every stage trains on two CPU cores). Its 96 channels hold a patch's 8*8*3 = 192 pixel
-    # values well enough to keep the shapes (the real one has 1152 for 588): decoded by least squares, the shapes of
-    # random-encoder latents read back right 86% of the time at 64 channels, 99.5% at 96.
+    # The toy encoder (toy.py): 64 px in patches of 8 -> 8 x 8 = 64 tokens, so that every stage trains on a CPU;
+    # 96 channels are enough to keep the shapes of a patch's 192 pixel values.
     "toy": SiglipVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                               image_size=64, patch_size=8),
 }
@@ -96,42 +81,43 @@ def num_tokens(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Images in: files and PIL images to normalized pixel tensors
+# Images in: files and PIL images to normalized pixel tensors, and back
 # ---------------------------------------------------------------------------------------------------------------
 
 def to_rgb(image):
-    """Any PIL image as 8-bit RGB, the way the official CLI does it (`.convert("RGB")`: alpha is dropped).
-
-    One deliberate difference: PIL's convert clips 16-bit grayscale to 255 (a mostly white image), so 16-bit values
-    are scaled to 8 bits (v >> 8) first.
-    """
+    """Any PIL image as 8-bit RGB, as the official CLI's `.convert("RGB")` (alpha dropped), except that 16-bit
+    grayscale, which convert clips to 255 (a mostly white image), is scaled to 8 bits (v >> 8) first."""
     if image.mode in ("I;16", "I;16L", "I;16B"):
         a = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
         image = Image.fromarray(a.astype(np.uint8))  # mode L
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_image(path):
-    """An image file as an RGB PIL image; a file that is not a (complete) image raises ValueError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
+def load_image(src, name=None):
+    """A path or the bytes of an image file -> an RGB PIL image. Training and sampling both read images here, so
+    they decode them alike; anything unreadable raises ValueError naming the file (`name`, else the path)."""
+    is_bytes = isinstance(src, bytes)
+    name = name or ("image bytes" if is_bytes else str(src))
+    if not is_bytes and not Path(src).is_file():
+        raise ValueError(f"{name}: no such image file")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(src) if is_bytes else src) as im:
             im.load()  # decode now: PIL opens lazily, and a truncated file only fails here
             return to_rgb(im)
-    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
-        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+    except Exception as e:  # UnidentifiedImageError (an OSError), DecompressionBombError, SyntaxError, ...
+        raise ValueError(f"{name} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def denormalize(pixels, mean, std):
+    """Normalized pixels (B, C, H, W) -> [0, 1] pixels, with per-channel preprocessing statistics."""
+    return pixels * pixels.new_tensor(std).view(1, -1, 1, 1) + pixels.new_tensor(mean).view(1, -1, 1, 1)
 
 
 @dataclass
 class ImageProcessing:
     """The official (slow) transformers image processor, with the numbers from `preprocessor_config.json`.
-
-    `size` (height, width): resize straight to it, aspect ratio not kept (SiglipImageProcessor).
-    `size` an int: resize the shorter side to it (the longer one to int(size * long / short)), then center-crop
-    size x size (BitImageProcessor, as the DINO tower configures it).
-    """
+    `size` (height, width): resize straight to it (SiglipImageProcessor). `size` an int: resize the shorter side to it,
+    then center-crop size x size (BitImageProcessor, as the DINO tower configures it)."""
     size: object
     image_mean: tuple
     image_std: tuple
@@ -179,7 +165,7 @@ class ImageProcessing:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared pieces
+# Shared pieces: attention, MLP, what both encoders do
 # ---------------------------------------------------------------------------------------------------------------
 
 def named(**modules):
@@ -207,6 +193,17 @@ class ViTAttention(nn.Module):
     def forward(self, x):
         a = self.attention
         return self.output.dense(attend(a.query(x), a.key(x), a.value(x), self.heads))
+
+
+class MLP(nn.Module):
+    """fc1, activation, fc2: the MLP of SigLIP and of DINOv2."""
+
+    def __init__(self, dim, hidden, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), activation(act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Encoder(nn.Module):
@@ -258,24 +255,13 @@ class SiglipAttention(nn.Module):
         return self.out_proj(attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
 
 
-class SiglipMLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = activation(cfg.hidden_act)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class SiglipLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = SiglipAttention(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = SiglipMLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -376,17 +362,6 @@ class LayerScale(nn.Module):
         return x * self.lambda1
 
 
-class Dinov2MLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio))
-        self.fc2 = nn.Linear(int(cfg.hidden_size * cfg.mlp_ratio), cfg.hidden_size)
-        self.act = activation(cfg.hidden_act)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Dinov2Layer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -395,7 +370,7 @@ class Dinov2Layer(nn.Module):
         self.attention = ViTAttention(C, cfg.num_attention_heads, cfg.qkv_bias)
         self.layer_scale1 = LayerScale(C)
         self.norm2 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
-        self.mlp = Dinov2MLP(cfg)
+        self.mlp = MLP(C, int(C * cfg.mlp_ratio), cfg.hidden_act)
         self.layer_scale2 = LayerScale(C)
 
     def forward(self, x):

@@ -1,20 +1,13 @@
 """The RAE pixel decoder and the RAE object (a frozen encoder paired with its decoder), hand-written.
 
-A Representation AutoEncoder (Zheng et al., arXiv 2510.11690; used by Scale-RAE, arXiv 2601.16208) maps a frozen
-encoder's 256 tokens back to pixels with a ViT decoder trained for reconstruction. The official decoder is RAE's
-`GeneralDecoder`, a ViT-MAE decoder (He et al., arXiv 2111.06377) without masking
-(scale_rae/model/multimodal_decoder/decoder.py; released as `nyu-visionx/siglip2_decoder` and
-`nyu-visionx/webssl300m_decoder`: a ViT-MAE-style `config.json` and a raw state dict `model.pt`):
-
-    x = decoder_embed(latents)                          # encoder width -> decoder width Dd
-    x = [trainable_cls_token; x] + decoder_pos_embed    # fixed 2-D sin-cos table, zero row for the cls slot
-    x = pre-LN ViT layers(x)                            # transformers' ViTMAELayer: exact-erf GELU, LN eps from config
-    patches = decoder_pred(decoder_norm(x))[:, 1:]      # (B, 256, p*p*3) normalized pixels
-    image = unpatchify(patches) * std + mean            # de-normalized with the ENCODER's preprocessing statistics
-
-Parameter names are the official ones, so `model.pt` loads with no renaming and a strict key check (the official
-loader uses strict=False and silently ignores mismatches). The decoder's input width is the encoder's width; the
-`hidden_size` field of the decoder's config.json is ignored, as the official code overrides it.
+The decoder of a Representation AutoEncoder (arXiv 2510.11690; used by Scale-RAE, arXiv 2601.16208) is RAE's
+`GeneralDecoder`, a ViT-MAE decoder (arXiv 2111.06377) without masking (scale_rae/model/multimodal_decoder/decoder.py;
+released as `nyu-visionx/{siglip2,webssl300m}_decoder`: a ViT-MAE-style `config.json` and a raw state dict `model.pt`):
+    x = [trainable_cls_token; decoder_embed(latents)] + decoder_pos_embed   # fixed 2-D sin-cos, zero row for cls
+    patches = decoder_pred(decoder_norm(pre-LN ViTMAE layers(x)))[:, 1:]     # (B, 256, p*p*3) normalized pixels
+    image = unpatchify(patches) * std + mean                                 # with the ENCODER's statistics
+Official parameter names, so `model.pt` loads with a strict key check (the official loader ignores mismatches). The
+decoder's input width is the encoder's: config.json's `hidden_size` is ignored, as the official code overrides it.
 """
 
 import json
@@ -24,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
-from encoders import ViTAttention, activation, from_dict, load_encoder, named, read_encoder_config
-from weights import WeightsError, load_strict, read_config, resolve
+from dit import sincos_pos_embed
+from encoders import ViTAttention, activation, denormalize, load_encoder, named, read_encoder_config
+from weights import WeightsError, from_dict, load_strict, read_config, resolve, write_folder
 
 
 DECODER_FOR_ENCODER = {  # the released RAE decoder of each representation encoder
@@ -69,22 +64,8 @@ DECODER_PRESETS = {  # width, depth, heads, MLP width
     "vit-b": DecoderConfig(768, 12, 12, 3072, patch_size=16, image_size=256),
     "vit-l": DecoderConfig(1024, 24, 16, 4096, patch_size=16, image_size=256),
     "vit-xl": DecoderConfig(1152, 28, 16, 4096, patch_size=16, image_size=256),
-    "toy": DecoderConfig(128, 2, 4, 256, patch_size=8, image_size=64),  # issue 7: 64 px from 8 x 8 tokens
+    "toy": DecoderConfig(128, 2, 4, 256, patch_size=8, image_size=64),  # toy.py: 64 px from 8 x 8 tokens
 }
-
-
-def sincos_pos_embed(dim, grid):
-    """MAE's fixed 2-D sin-cos table (1 + grid*grid, dim) with a zero row for the cls slot, in float64 numpy as
-    the official code computes it. Its first half encodes the column index, the second the row index."""
-    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))  # (dim/4,)
-    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))  # (grid, grid)
-
-    def one_axis(pos):  # (grid*grid,) -> (grid*grid, dim/2): [sin | cos]
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    table = np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
-    return torch.from_numpy(np.concatenate([np.zeros((1, dim)), table])).float()
 
 
 class DecoderLayer(nn.Module):
@@ -92,12 +73,12 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        D, F_ = cfg.decoder_hidden_size, cfg.decoder_intermediate_size
+        D, H = cfg.decoder_hidden_size, cfg.decoder_intermediate_size
         self.layernorm_before = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.attention = ViTAttention(D, cfg.decoder_num_attention_heads, cfg.qkv_bias)
         self.layernorm_after = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.intermediate = named(dense=nn.Linear(D, F_))
-        self.output = named(dense=nn.Linear(F_, D))
+        self.intermediate = named(dense=nn.Linear(D, H))
+        self.output = named(dense=nn.Linear(H, D))
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x):
@@ -118,7 +99,8 @@ class RAEDecoder(nn.Module):
         D, p = cfg.decoder_hidden_size, cfg.patch_size
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)  # the encoder's; kept as Python floats
         self.decoder_embed = nn.Linear(in_dim, D)
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(D, cfg.grid)[None])  # (1, 1 + N, D)
+        pos = F.pad(sincos_pos_embed(D, cfg.grid), (0, 0, 1, 0))  # MAE's table, with a zero row for the cls slot
+        self.register_buffer("decoder_pos_embed", pos[None])  # (1, 1 + N, D)
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_num_hidden_layers))
         self.decoder_norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
@@ -142,32 +124,19 @@ class RAEDecoder(nn.Module):
         B, g, p, c = patches.shape[0], self.config.grid, self.config.patch_size, self.config.num_channels
         return patches.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, g * p, g * p)
 
-    def patchify(self, images):  # (B, c, H, W) -> (B, N, p*p*c), the exact inverse of unpatchify
-        B, g, p, c = images.shape[0], self.config.grid, self.config.patch_size, self.config.num_channels
-        return images.reshape(B, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * c)
-
-    def normalize(self, images):  # pixels in [0, 1] -> the space of predict_patches (patchify it for a patch loss)
-        mean, std = (images.new_tensor(s).view(1, -1, 1, 1) for s in (self.image_mean, self.image_std))
-        return (images - mean) / std
-
     def save_pretrained(self, folder):
-        """The released layout: a ViT-MAE-style config.json and model.pt (a flat state dict, float32), written into
-        a temporary folder that is renamed at the end; an existing folder is never overwritten."""
-        folder = Path(folder)
-        if folder.exists():
-            raise FileExistsError(f"{folder} exists; save the decoder to a new folder")
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True)
-        torch.save({k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}, tmp / "model.pt")
+        """The released layout, in a new folder: a ViT-MAE-style config.json and model.pt (flat, float32)."""
         config = dict(model_type="vit_mae", architectures=["GeneralDecoder"], hidden_size=self.decoder_embed.in_features,
                       **asdict(self.config))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tmp.rename(folder)
+
+        def write(tmp):
+            sd = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+            torch.save(sd, tmp / "model.pt")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_folder(folder, write)
 
     def forward(self, latents):  # (B, N, C) -> (B, 3, H, W) pixels, ~[0, 1], in float32 like the official output
-        x = self.unpatchify(self.predict_patches(latents)).float()
-        mean, std = (x.new_tensor(s).view(1, -1, 1, 1) for s in (self.image_mean, self.image_std))
-        return x * std + mean
+        return denormalize(self.unpatchify(self.predict_patches(latents)).float(), self.image_mean, self.image_std)
 
 
 def load_decoder(path_or_repo, encoder_hidden_size, image_mean, image_std, dtype=torch.float32, device="cpu"):

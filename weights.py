@@ -1,14 +1,18 @@
-"""Reading official weights: a Hub id or a local folder in, tensors with their official names out.
+"""Reading and writing official weights: a Hub id or a local folder in, tensors with their official names out.
 
-Every component loads through these three functions, so every loader behaves the same way:
+Every component loads through the same functions, so every loader behaves the same way:
   resolve(path)              a local folder as is, or a Hub repo downloaded once into the huggingface_hub cache;
+  read_config / from_dict    config.json, and a config dataclass from it (unknown keys ignored);
   read_safetensors(folder)   `model.safetensors` or a sharded `model.safetensors.index.json`, memory-mapped;
   load_strict(module, sd)    one clear error listing every missing, unexpected or mis-shaped key, never a silent
                              partial load (the official loaders use strict=False and ignore mismatches).
 Modules are built on the `meta` device and filled with `assign=True`, so a 7B model never exists twice in RAM.
+Files and folders are written under a temporary name and renamed when complete, so a crash never leaves half of one.
 """
 
 import json
+import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -53,6 +57,12 @@ def read_config(folder, name="config.json"):
         raise WeightsError(f"{path} is not valid JSON ({e})") from None
 
 
+def from_dict(cls, d):
+    """A config dataclass from a Hugging Face config dict; unknown keys are ignored, absent ones keep the defaults."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
 def safetensors_files(folder):
     """The shard files of a checkpoint folder: a single model.safetensors, or those named by the index."""
     folder = Path(folder)
@@ -93,8 +103,7 @@ def read_safetensors(folder, prefix="", keep=None):
 
 
 def write_atomic(path, write):
-    """Write a file through a temporary name and a rename, so a crash never leaves half a file. `write(tmp_path)`
-    writes the content; `write` may also be bytes."""
+    """Write a file as `path.tmp`, then rename it: `write(tmp_path)` writes the content; `write` may also be bytes."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if isinstance(write, bytes):
@@ -102,6 +111,23 @@ def write_atomic(path, write):
     else:
         write(tmp)
     tmp.replace(path)
+
+
+def write_folder(folder, write):
+    """Write a new folder as `folder.tmp` with `write(tmp_path)`, then rename it. An existing folder is never
+    overwritten; a `.tmp` left by a killed write is discarded."""
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; write to a new folder")
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp)
+    else:
+        tmp.unlink(missing_ok=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    tmp.rename(folder)
+    return folder
 
 
 def save_safetensors(state_dict, path, metadata=None):

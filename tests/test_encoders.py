@@ -160,8 +160,27 @@ def test_bad_image_files_give_a_clear_error(tmp_path):
     for name in ("notes.png", "cut.png"):
         with pytest.raises(ValueError, match=name):
             load_image(tmp_path / name)
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(ValueError, match="missing.png: no such image file"):
         load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="key-7"):  # the bytes of a tar member, named by its sample's key
+        load_image(data[:len(data) // 2], name="key-7")
+    assert np.array_equal(np.asarray(load_image(data)), np.asarray(load_image(tmp_path / "full.png")))
+
+
+def test_training_and_sampling_decode_16_bit_images_alike(tmp_path):
+    """data.py's stream and sample.py both read images through encoders.load_image: a 16-bit grayscale PNG (which
+    PIL's convert("RGB") clips to mostly white) gives the same RGB pixels on both paths, scaled to 8 bits."""
+    from data import SampleStream, open_source
+    ramp = np.linspace(0, 65535, 48 * 64).round().astype(np.uint16).reshape(48, 64)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    (tmp_path / "data.jsonl").write_text(json.dumps(dict(image="deep.png", conversations=[
+        dict(**{"from": "human"}, value="Draw it."), dict(**{"from": "gpt"}, value="<image>")])) + "\n")
+    stream = SampleStream(open_source(tmp_path / "data.jsonl"), None, 64, shuffle=False, epochs=1, images_only=True)
+    trained = np.asarray(next(iter(stream)).image)
+    sampled = np.asarray(load_image(tmp_path / "deep.png"))
+    assert np.array_equal(trained, sampled) and np.array_equal(sampled, np.stack([ramp >> 8] * 3, -1))
+    assert (trained == 255).mean() < 0.01  # not the clipped, mostly white image
 
 
 # ---------------------------------------------------------------- loading errors
@@ -192,7 +211,7 @@ def test_unsupported_encoders_are_refused(tiny_siglip_dir, tmp_path):
 
 
 def test_toy_encoder_saves_the_hub_layout_and_loads_back(tmp_path):
-    """The toy SigLIP encoder (issue 7) is written in the layout load_encoder reads, and gives 8 x 8 tokens at 64 px."""
+    """The toy SigLIP encoder is written in the layout load_encoder reads, and gives 8 x 8 tokens at 64 px."""
     from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder, load_encoder
     torch.manual_seed(0)
     enc = SigLIP2Encoder(ENCODER_PRESETS["toy"], ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2)).eval()

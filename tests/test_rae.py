@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dit import sincos_pos_embed
 from rae import RAE, DecoderConfig, DecoderLayer, RAEDecoder, load_decoder
-from weights import WeightsError
+from weights import WeightsError, write_folder
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAELayer, get_2d_sincos_pos_embed  # noqa: E402
@@ -21,6 +22,16 @@ TINY = dict(decoder_hidden_size=48, decoder_num_hidden_layers=2, decoder_num_att
             decoder_intermediate_size=96, patch_size=14, image_size=224, layer_norm_eps=1e-12, hidden_act="gelu")
 ENC_WIDTH = 32  # the tiny encoders' width (conftest.py)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def patchify(dec, images):  # (B, c, H, W) -> (B, N, p*p*c), the exact inverse of dec.unpatchify
+    B, g, p, c = images.shape[0], dec.config.grid, dec.config.patch_size, dec.config.num_channels
+    return images.reshape(B, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * c)
+
+
+def normalize(dec, images):  # pixels in [0, 1] -> the space of dec.predict_patches
+    mean, std = (images.new_tensor(s).view(1, -1, 1, 1) for s in (dec.image_mean, dec.image_std))
+    return (images - mean) / std
 
 
 def hf_layer_config():
@@ -139,10 +150,30 @@ def test_fresh_decoder_has_the_mae_sincos_table():
     assert not dec.trainable_cls_token.any()
 
 
+def mae_sincos_table(dim, grid):
+    """rae.py's former own table (MAE's code: float32 positions, einsum in float64, 'xy' meshgrid), which dit's
+    sincos_pos_embed replaced: the two are the same bits."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+
+    def one_axis(pos):
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    table = np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
+    return torch.from_numpy(np.concatenate([np.zeros((1, dim)), table])).float()
+
+
+@pytest.mark.parametrize("dim, grid", [(48, 16), (1152, 16), (128, 8), (32, 16)])
+def test_dit_sincos_table_is_maes_bit_for_bit(dim, grid):
+    ours = RAEDecoder(DecoderConfig(dim, 1, 4, 8, patch_size=1, image_size=grid), 8, SIGLIP_MEAN, SIGLIP_STD)
+    assert torch.equal(ours.decoder_pos_embed[0], mae_sincos_table(dim, grid))
+    assert torch.equal(ours.decoder_pos_embed[0, 1:], sincos_pos_embed(dim, grid))
+
+
 def test_patchify_inverts_unpatchify():
     dec = RAEDecoder(DecoderConfig(**TINY), ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
     images = torch.rand(2, 3, 224, 224)
-    patches = dec.patchify(images)
+    patches = patchify(dec, images)
     assert patches.shape == (2, 256, 14 * 14 * 3) and torch.equal(dec.unpatchify(patches), images)
     # patch n = row * 16 + col holds pixels (p, q, channel) of that 14 x 14 square, as MAE lays them out
     assert torch.equal(patches[1, 17].view(14, 14, 3), images[1, :, 14:28, 14:28].permute(1, 2, 0))
@@ -155,7 +186,7 @@ def test_fresh_decoder_trains():
     dec = RAEDecoder(small, ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
     table = dec.decoder_pos_embed.clone()
     z, images = torch.randn(2, 16, ENC_WIDTH), torch.rand(2, 3, 56, 56)
-    target = dec.patchify(dec.normalize(images))
+    target = patchify(dec, normalize(dec, images))
     opt = torch.optim.Adam(dec.parameters(), lr=1e-3)
     losses = []
     for _ in range(15):
@@ -257,3 +288,26 @@ def test_fresh_decoder_saves_the_released_layout(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(z), dec(z))
     assert json.loads((tmp_path / "d" / "config.json").read_text())["model_type"] == "vit_mae"
+
+
+def test_write_folder_is_atomic(tmp_path):
+    """A folder appears complete or not at all: a stale `.tmp` of a killed write is replaced, an existing folder is
+    refused, and a failed write leaves no folder."""
+    stale = tmp_path / "out.tmp"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x")
+    write_folder(tmp_path / "out", lambda tmp: (tmp / "a.txt").write_text("a"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt"] and not stale.exists()
+    with pytest.raises(FileExistsError, match="out"):
+        write_folder(tmp_path / "out", lambda tmp: (tmp / "b.txt").write_text("b"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.txt"]
+
+    def fail(tmp):
+        (tmp / "c.txt").write_text("c")
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        write_folder(tmp_path / "other", fail)
+    assert not (tmp_path / "other").exists()
+    (tmp_path / "file.tmp").write_text("not a folder")  # a stale file in the way is no obstacle either
+    write_folder(tmp_path / "file", lambda tmp: None)
+    assert (tmp_path / "file").is_dir()
