@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes, analyze_shapes,
-                  generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
 from model import at_least, load_pipeline
+from shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes,
+                    analyze_shapes, generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
 from weights import WeightsError, write_atomic
 
 ATTRIBUTES = SCORED + ("size",)
@@ -31,16 +32,14 @@ SPLITS = ("seen", "held-out")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default="toy", help="Hub id or local folder of a Scale-RAE checkpoint (default: the shipped toy model)")
-    p.add_argument("--decoder-repo", help="Hub id or local folder of the RAE decoder (default: the one for the "
-                                          "model's encoder)")
-    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the prompt and question sets and of the DiT noise")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default="toy", help="Scale-RAE checkpoint (default: the shipped toy model)")
+    p.add_argument("--decoder-repo", help="RAE decoder (default: the checkpoint's decoder/ or its encoder's)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the prompts, the questions and the DiT noise")
     p.add_argument("--num-prompts", type=at_least(1), default=100, help="generation prompts (half seen, half held-out)")
-    p.add_argument("--num-questions", type=at_least(0), help="understanding questions about real images (default: "
-                                                     "--num-prompts; 0 = none, the encoder is then never loaded)")
-    p.add_argument("--steps", type=at_least(1), help="Euler steps (default: the official 50-step, 49-evaluation schedule)")
+    p.add_argument("--num-questions", type=at_least(0), help="questions about real images (default: --num-prompts; "
+                                                             "0: none, and the encoder is never loaded)")
+    p.add_argument("--steps", type=at_least(1), help="Euler steps (default: the official 49-evaluation schedule)")
     p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0,
                    help="classifier-free guidance scale; 1.0 = off")
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="per answer, and before an image opens")
@@ -182,10 +181,8 @@ def save_grid(path, samples, columns=8, cell=160, text_lines=5):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
     try:
-        model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, args.dtype and getattr(torch, args.dtype),
-                                              args.device)
+        model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, args.dtype, args.device)
     except WeightsError as e:
         sys.exit(f"error: {e}")
     dtype = model.model.norm.weight.dtype

@@ -514,6 +514,7 @@ def load_pipeline(path, decoder=None, dtype=None, device=None):
     ship its own parts, as the toy model does: an encoder path relative to its folder, and a `decoder/` subfolder.
     The encoder is loaded only when an image is read. Every failure is a WeightsError with a one-line message."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # "bfloat16", as the scripts' --dtype says
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     try:
         folder = resolve(TOY_MODEL if str(path) == "toy" else path, allow_patterns=["*.json", "*.safetensors", "*.txt"])

@@ -119,8 +119,7 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
     try:
-        model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, args.dtype and getattr(torch, args.dtype),
-                                              args.device)
+        model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, args.dtype, args.device)
     except WeightsError as e:
         sys.exit(f"error: {e}")
     device, dtype = model.model.norm.weight.device, model.model.norm.weight.dtype

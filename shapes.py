@@ -33,11 +33,9 @@ SIZES = ("small", "large")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
 ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78), "center": (0.5, 0.5)}
-# Shapes sit on a GRID x GRID grid of cells (at 64 px: the toy encoder's 8 x 8 tokens of 8 px): a small shape fills
-# one cell, a large one 2 x 2, one empty cell apart, and a two-tone background splits on a cell edge. So a token holds
-# a background, a whole small shape or a quarter of a large one, and nothing else: a small vocabulary of token
-# contents that a toy DiT learns. (Shapes at any offset made it draw token-sized blobs: shape at chance even with
-# the true attributes as its condition.)
+# Shapes sit on a GRID x GRID grid of cells, the toy encoder's 8 x 8 tokens: a small shape fills a cell, a large one
+# 2 x 2, and a two-tone background splits on a cell edge, so a token holds a background, a whole shape or a quarter
+# of one: few enough token contents for a toy DiT to learn (README, "Toy recipe").
 GRID = 8
 SIZE_CELLS = {"small": 1, "large": 2}
 SIZE_FRACTION = {s: n / GRID for s, n in SIZE_CELLS.items()}  # side / image side, as the analyzer reads it
@@ -78,15 +76,12 @@ def generation_prompt(s, phrasing=0):
 
 
 def generation_answer(s):
-    """'Here are two small red circles on the left:\n<image>': the request restated before the image, where the
-    official data answers GENERATION_ANSWER. Stage 1 starts from a pretrained Qwen2.5, whose states at the latent
-    queries already carry the request; the toy LLM starts from scratch, and with the official answer its query states
-    stay alike for every prompt (cosine 0.999 after 600 steps), so the DiT learns to ignore them. Restating the
-    request (a CE target) puts its content right before <im_start>."""
+    """'Here are two small red circles on the left:\n<image>', where the official data answers GENERATION_ANSWER: a
+    toy LLM trained from scratch (not a pretrained Qwen2.5) needs the request restated right before <im_start>, or
+    its query states hardly depend on the prompt and the DiT learns to ignore them (README, "Toy recipe")."""
     return f"Here {'is' if s.count == 1 else 'are'} {describe(s)}:\n{IMAGE_PLACEHOLDER}"
 
 
-# Understanding questions and their short answers, as the training samples ask them (shapes_sample)
 ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(COUNT_WORDS.values()), "position": POSITIONS,
            "size": SIZES}
 
@@ -118,8 +113,7 @@ def random_shapes(rng, holdout=()):
 def layout(s):
     """The grid cells of s's shapes (top-left corners (x0, y0)): a row of s.count shapes one cell apart, vertical on
     the left/right and horizontal elsewhere, centered on the position's anchor. One layout per (count, size,
-    position), so the prompt alone says where each shape token goes. (Random offsets of up to one cell made no
-    difference to an oracle-conditioned toy DiT after 900 steps; one layout is simpler.)"""
+    position), so the prompt alone says where each shape token goes."""
     n = SIZE_CELLS[s.size]
     ax, ay = ANCHORS[s.position]
     vertical = s.position in ("left", "right")
@@ -203,11 +197,9 @@ FILL_TRIANGLE, FILL_SQUARE = 0.69, 0.87  # bounding-box fill: triangle 1/2 < 0.6
 
 
 def connected_components(mask):
-    """(labels, n): the 4-connected components of a boolean (H, W) mask, labelled 1..n (0 = background).
-
-    Each pixel starts with its own flat index; labels then propagate as the minimum over 4-neighbours, with pointer
-    jumping (a label is the index of a pixel of the same component, so label <- label[label] skips ahead), until
-    nothing changes. Plain numpy: a few dozen vectorized passes."""
+    """(labels, n): the 4-connected components of a boolean (H, W) mask, labelled 1..n (0 = background). Each pixel
+    starts with its own flat index; labels propagate as the minimum over 4-neighbours, with pointer jumping
+    (label <- label[label]), until nothing changes: a few dozen vectorized numpy passes."""
     h, w = mask.shape
     big = h * w
     lab = np.where(mask, np.arange(big).reshape(h, w), big)
@@ -261,19 +253,14 @@ def shape_class(fill):
 
 
 def analyze_shapes(image):
-    """The attributes a synthetic shapes image shows: dict(color, shape, position, count, size); None where a value
-    cannot be read (an image without shapes has count 0 and nothing else). Works at any size (>= 48 px is reliable).
+    """The attributes a synthetic shapes image shows: dict(color, shape, position, count, size), None where a value
+    cannot be read (no shapes: count 0). Reliable from 48 px; tolerates blur, noise and stray pixels.
 
-    Every pixel takes the nearest palette entry (6 shape colors, 6 backgrounds, far apart: see COLORS); shape pixels
-    are those nearest a shape color. color: the shape color whose blends with the backgrounds fit the most shape
-    pixels best (a blurred red edge is nearer orange than red, but it is a red blend). The 4-connected components
-    of the shape pixels, minus noise (smaller than NOISE_AREA of the image or than 1/5 of the largest), are the
-    shapes, and count is their number. Each shape is measured on its coverage by the dominant color (sub-pixel;
-    EDGE clips faint and near-full values) over the component grown by one pixel: area = sum of coverage,
-    width/height = sums of the column/row maxima. shape: the majority class by fill = area / (width x height) (ties:
-    the larger area); position: the anchor nearest the mean of the box centers; size: the SIZE_FRACTION nearest the
-    median side. Blur, noise and stray pixels (generated images) are tolerated: stray pixels form noise components,
-    and the color vote is a majority."""
+    Shape pixels are those nearest a shape color of the palette. color: the shape color whose blends with the
+    backgrounds fit most shape pixels best (a blurred red edge is nearer orange, but a red blend). The 4-connected
+    components of shape pixels, minus noise, are the shapes (count). Each is measured on its sub-pixel coverage by
+    that color over the component grown by a pixel: shape by fill = area / (width x height), majority vote; position:
+    the anchor nearest the mean center; size: the SIZE_FRACTION nearest the median side."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     h, w = pixels.shape[:2]
     nearest = ((PALETTE ** 2).sum(-1) - 2 * pixels @ PALETTE.T).argmin(-1)  # (H, W) nearest palette entry
