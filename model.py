@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from dit import DIT_PRESETS, DiffusionHead, DiTConfig, RMSNorm, initial_noise
 from rae import DECODER_FOR_ENCODER, RAE
 from tokenizer import IMAGE_TOKEN, Tokenizer, chat_prompt
-from weights import WeightsError, load_strict, read_config, read_safetensors, resolve, save_safetensors
+from weights import WeightsError, from_dict, load_strict, read_config, read_safetensors, resolve, save_safetensors, write_folder
 
 
 @dataclass
@@ -43,9 +43,8 @@ class QwenConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_dict(cls, d):  # from a Hugging Face config.json; unknown fields are ignored
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_official(cls, d):  # a Hugging Face config.json; unknown fields are ignored
+        return from_dict(cls, d)
 
 
 QWEN_PRESETS = {
@@ -240,13 +239,13 @@ class Qwen2ForCausalLM(nn.Module):
         return self.model(x, positions, mask, cache)
 
     checkpoint_keys = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")  # the LM in a bigger file
-    config_from = QwenConfig.from_dict
+    config_class = QwenConfig
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Weights from a local folder or Hub id: config.json + model.safetensors (or sharded), strictly loaded."""
         folder = resolve(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-        cfg = cls.config_from(read_config(folder))
+        cfg = cls.config_class.from_official(read_config(folder))
         with torch.device("meta"):
             model = cls(cfg)
         sd = read_safetensors(folder, keep=cls.checkpoint_keys)
@@ -298,7 +297,7 @@ class ScaleRAEConfig(QwenConfig):
                         num_heads=d["diffusion_model_heads"], in_channels=d["diffusion_model_channels"],
                         z_channels=d["diffusion_model_z_channels"], input_size=side,
                         class_dropout_prob=d.get("diffusion_class_dropout_prob", 0.0))  # the official fallback
-        llm = QwenConfig.from_dict(d)
+        llm = QwenConfig.from_official(d)
         return cls(**{f.name: getattr(llm, f.name) for f in fields(QwenConfig)}, dit=dit,
                    mm_hidden_size=d.get("mm_hidden_size", dit.in_channels),
                    encoder=d["mm_vision_tower_aux_list"][0].split("-interp")[0],
@@ -480,21 +479,17 @@ class ScaleRAE(Qwen2ForCausalLM):
             for i in range(0, len(seeds), n)])
 
     checkpoint_keys = None  # every key of the file belongs to the model
-    config_from = ScaleRAEConfig.from_official
+    config_class = ScaleRAEConfig
 
     def save_pretrained(self, folder, tokenizer):
         """Export in the official layout: config.json, model.safetensors (official keys, float32), tokenizer files.
         Written into a temporary folder that is renamed at the end; an existing folder is never overwritten."""
-        folder = Path(folder)
-        if folder.exists():
-            raise FileExistsError(f"{folder} exists; export to a new folder")
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True)
-        save_safetensors({k: v.float() for k, v in self.state_dict().items()}, tmp / "model.safetensors",
-                         metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(self.config.to_official(), indent=2))
-        tokenizer.save(tmp)
-        tmp.rename(folder)
+        def write(tmp):
+            save_safetensors({k: v.float() for k, v in self.state_dict().items()}, tmp / "model.safetensors",
+                             metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(self.config.to_official(), indent=2))
+            tokenizer.save(tmp)
+        write_folder(folder, write)
 
 
 TOY_MODEL = Path(__file__).parent / "toy"  # the toy model shipped with the repository (toy.py --ship); path "toy"

@@ -24,7 +24,7 @@ def pair(tie, **over):
         for n, p in hf.named_parameters():
             if n.endswith("bias") or "norm" in n:
                 p.normal_(0.0 if n.endswith("bias") else 1.0, 0.1)
-    ours = Qwen2ForCausalLM(QwenConfig.from_dict(hf_cfg.to_dict())).eval()
+    ours = Qwen2ForCausalLM(QwenConfig.from_official(hf_cfg.to_dict())).eval()
     sd = {k: v for k, v in hf.state_dict().items() if not (tie and k == "lm_head.weight")}
     ours.load_state_dict(sd, strict=True)
     return hf, ours
@@ -176,7 +176,7 @@ def test_missing_folder_and_bad_repo_id(tmp_path):
 
 def test_config_ignores_unknown_fields_and_presets():
     from model import QWEN_PRESETS
-    cfg = QwenConfig.from_dict({"hidden_size": 64, "num_attention_heads": 4, "mm_hidden_size": 1152, "patch_size": 2})
+    cfg = QwenConfig.from_official({"hidden_size": 64, "num_attention_heads": 4, "mm_hidden_size": 1152, "patch_size": 2})
     assert cfg.hidden_size == 64 and cfg.head_dim == 16
     assert QWEN_PRESETS["qwen2.5-1.5b"].head_dim == 128 and QWEN_PRESETS["qwen2.5-7b"].head_dim == 128
     assert not QWEN_PRESETS["qwen2.5-7b"].tie_word_embeddings
