@@ -308,7 +308,7 @@ def official_timesteps(shift=flow_shift(1152)):
     """(t_curr, t_next) float32, 49 entries: the official "50-step" sampler. The grid is shift(k/1000), k = 1..1000
     (float64); of 50 respaced indices it steps down 48 times from t = 0.99760 to t = 0.00842 and then makes a
     final step from index 48 up to index 49, i.e. from t = 0.99760 UP to t = 1.0 at the nearly clean sample. That
-    last step is an official bug, reproduced so that official weights give official images (inference-notes §3.4)."""
+    last step is an official bug, reproduced so that official weights give official images (official transport.py and respace.py)."""
     grid = time_shift(np.linspace(1 / 1000, 1, 1000), shift)
     used = spaced_indices(1000, 50)
     pairs = [(used[i], used[i - 1]) for i in range(len(used) - 2, 0, -1)] + [(used[-2], used[-1])]
@@ -386,7 +386,7 @@ class DiffusionHead(nn.Module):
         steps=None: the official 49-evaluation schedule (the default, for official images); an int N: plain Euler,
         N steps from t = 1 to t = 0 on the same shifted grid. cfg_scale s > 1: real classifier-free guidance,
         v = v_u + s·(v_c - v_u) with the learned null condition, conditional and unconditional in one batch of 2B
-        (the official CLI's guidance is a no-op, inference-notes §2.7); s = 1 runs no unconditional pass.
+        (the official CLI's guidance is a no-op: diffloss.py infer); s = 1 runs no unconditional pass.
         cfg_interval (lo, hi): guide only the steps with lo <= t <= hi, the others are conditional-only and batch B.
         progress: called with no argument after each evaluation (e.g. a progress bar's update); nothing in the
         loop reads a device value, so the host never waits for the device.

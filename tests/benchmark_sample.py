@@ -12,10 +12,10 @@ downloaded, and times exactly what sample.py runs for one t2i call:
 
 With random weights the greedy LLM emits some arbitrary first token; the benchmark asks for it once and passes it as
 `image_start_id`, so every timed call takes the image path after one token, like a real t2i prompt (whose first token
-is <im_start>, inference-notes §1.4). A batch of B is B prompts in one LLM pass and one DiT batch of B.
+is <im_start>, official greedy_decode). A batch of B is B prompts in one LLM pass and one DiT batch of B.
 
-An "official-style" baseline emulates those costs of the official inference that are cheap to emulate (inference-notes
-§8): everything in float32, no KV cache (the full sequence re-run for each token: P, then P + 257 positions), vocabulary
+An "official-style" baseline emulates those costs of the official inference (cli.py, scale_rae_qwen2.py) that are cheap
+to emulate: everything in float32, no KV cache (the full sequence re-run for each token: P, then P + 257 positions), vocabulary
 logits at every position, the unused mm_projector feedback, and a doubled DiT batch when --guidance > 1 (our real
 CFG costs what the official no-op CFG costs). It runs at batch 1 only, as the official loop (.item() on every token)
 does. Not emulated: model loading (the fp32 checkpoint, SigLIP's text tower, the per-call decoder rebuild) and the
@@ -118,7 +118,7 @@ def run_ours(model, rae, prompt, token, batch, args):
 
 
 def run_official_style(model, rae, prompt, token, args):
-    """One batch-1 t2i call with the official loop's costs (inference-notes §1.4, §1.5, §8)."""
+    """One batch-1 t2i call with the official loop's costs (official greedy_decode and its image step)."""
     device, embed = args.device, model.model.embed_tokens
     sync(device)
     t0 = time.perf_counter()

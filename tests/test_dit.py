@@ -1,7 +1,7 @@
 """Tests for dit.py: official weights layout, fixed tables, samplers, CFG, init and a real learning check.
 
 Everything is offline on tiny random DiTs. Reference values (Fourier frequencies, the sampler's time table) are the
-documented ones from the official code (inference-notes §2.5, §3.4); table formulas are re-derived here in float64.
+documented ones from the official code (official model_utils.py, transport.py, respace.py); table formulas are re-derived here in float64.
 """
 
 import math
@@ -152,7 +152,7 @@ def test_forward_uses_the_loaded_tables():
 
 
 def reference_forward(sd, cfg, x, t, y):
-    """inference-notes §2.3-2.6 written out in float64 from the state dict alone (explicit softmax attention)."""
+    """The official lightningDiT.py forward written out in float64 from the state dict alone (explicit softmax attention)."""
     d = {k: v.double() for k, v in sd.items()}
     B, C, n, _ = x.shape
     H, nh = cfg.hidden_size, cfg.num_heads
@@ -268,7 +268,7 @@ flow_shift_1152 = dit.flow_shift(1152)
 
 # ---- samplers ----
 
-OFFICIAL_TABLE = [  # (t_curr, t_next, Δt) of the official sampler, inference-notes §3.4
+OFFICIAL_TABLE = [  # (t_curr, t_next, Δt) of the official sampler (transport.py, respace.py)
     (0.99760067, 0.99498677, -0.00261390), (0.99498677, 0.99240226, -0.00258452), (0.99240226, 0.98958266, -0.00281960),
     (0.98958266, 0.98679060, -0.00279206), (0.98679060, 0.98388815, -0.00290245), (0.98388815, 0.98071450, -0.00317365),
     (0.98071450, 0.97756422, -0.00315028), (0.97756422, 0.97428143, -0.00328279), (0.97428143, 0.97068244, -0.00359899),
@@ -430,7 +430,7 @@ def test_flops_match_a_flop_counter(monkeypatch):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         m(x, t, y)
     assert counter.get_total_flops() == dit.dit_flops(cfg)
-    assert abs(dit.dit_flops(DiTConfig()) / 1e12 - 1.26) < 0.01   # inference-notes §8: ≈1.24 + 0.02 TFLOP
+    assert abs(dit.dit_flops(DiTConfig()) / 1e12 - 1.26) < 0.01   # ≈1.24 TFLOP of matmuls + 0.02 of attention
 
 
 # ---- training ----

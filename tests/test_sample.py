@@ -25,7 +25,7 @@ def offline(monkeypatch):
 
 
 def official_config(encoder_dir, **over):
-    """config.json as the official training writes it (training-notes §5), at a tiny size."""
+    """config.json as the official training writes it, at a tiny size."""
     return {"architectures": ["ScaleRAEQwenForCausalLM"], "model_type": "qwen2", "vocab_size": 151667,
             "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False,
