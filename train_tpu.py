@@ -1,46 +1,15 @@
 """Training Scale-RAE (arXiv 2601.16208): stage 1, stage 2 and the RAE pixel decoder, in one flat SPMD script.
 
-Reads top to bottom like nanoGPT's and DiT's train.py: arguments, setup, model, data, one training loop, checkpoints.
-The method and its numbers are the official trainer's (ZitengWangNYU/Scale-RAE scale_rae/train/, ~6,000 lines around
-the HF Trainer); what it does is summarized in the project's training notes §6.1, and the TPU parts follow the
-pytorch/xla FSDPv2 example and torchprime (one SPMD program, FSDP-sharded parameters, batch-sharded inputs).
-
-  --stage 1        Qwen2.5-Instruct weights + fresh latent queries, projectors and DiT; `<im_start>`/`<im_end>`
-                   are added to the vocabulary with mean-initialized embedding rows. Loss = CE + 2.0 x diffusion loss.
-  --stage 2        the same loss, from a stage-1 export.
-  --stage decoder  the RAE pixel decoder on frozen encoder latents: L1 + MSE in pixel space, with RAE's noise
-                   augmentation of the latents (sigma ~ U(0, tau) per image). RAE also uses LPIPS and a GAN loss,
-                   whose weights (VGG, DINO discriminator) are not available here, and an EMA of the decoder: all
-                   three are left out.
-
-Defaults are the official hyper-parameters: AdamW (eps 1e-8, no weight decay) with two groups, the LLM, latent
-queries and mm_projector at 5.65e-5, betas (0.9, 0.999), and every parameter whose name contains `diff_head` (the
-DiT and diff_head_projector) at 5.65e-4, betas (0.9, 0.95); linear warmup then cosine to 0; global-norm clipping at
-1.0; fp32 weights; CFG condition dropout 0.1 (in the DiT); frozen encoder; activation checkpointing per LLM layer
-and DiT block. Unlike the official code, a resumed run restores the optimizer state, the data position and the RNG.
-
-Backends (same loop):
-  torch_xla SPMD (when PJRT_DEVICE is set): one process per host drives all of its chips. The mesh is
-    (data, fsdp); each parameter is sharded over `fsdp` on its largest divisible dimension (FSDP, as FSDPv2 does),
-    the batch over (data, fsdp). A step is one XLA graph (traced, then `torch_xla.sync()`); logging runs in step
-    closures, so the host never waits for the device except when it logs or saves.
-  plain PyTorch (no torch_xla, or --backend torch): one CUDA device if there is one, else the CPU.
-
-Launch:
-  TPU pod, every host runs the same command (torch_xla's usual multi-host launch), outputs on a shared bucket mount:
-    gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all --command="cd scale-rae && \\
-      PJRT_DEVICE=TPU python train_tpu.py --stage 1 --data /mnt/data/wds_manifest.json --steps 60000 \\
-      --out /mnt/ckpt/stage1 --resume --peak-tflops 275"
-    (--resume makes the same command restart a preempted run from its last checkpoint.)
-  CPU through torch_xla's CPU runtime (how the tests run it; XLA_FLAGS=--xla_backend_optimization_level=0 cuts
-  the CPU compile time ~5x):
-    PJRT_DEVICE=CPU CPU_NUM_DEVICES=8 python train_tpu.py --preset toy --stage 1 --data shapes/data.jsonl ...
-  One GPU, or the CPU, without torch_xla (on a CPU, --no-grad-ckpt saves the recomputation):
-    python train_tpu.py --backend torch --preset toy --stage 1 --data shapes/data.jsonl ...
-
-Outputs in --out: args.json, log.jsonl (one line per log step), ckpt-<step>/ (model + optimizer via
-torch.distributed.checkpoint, one file per host; host<r>.pt with step, data position and RNG; manifest.json with
-every file's size, written last), and export/ at the end: the official on-disk format that sample.py loads.
+Reads top to bottom: arguments, setup, model, data, checkpoints, the training loop, the export. The method and its
+defaults are the official trainer's (ZitengWangNYU/Scale-RAE scale_rae/train/). Stage 1 starts from Qwen2.5-Instruct
+(+ <im_start>/<im_end>, mean-initialized) with fresh latent queries, projectors and DiT: loss = CE + 2.0 x diffusion
+loss. Stage 2 continues from a stage-1 export. The decoder stage trains RAE's pixel decoder on frozen encoder latents
+with L1 + MSE and RAE's latent noise (sigma ~ U(0, tau)); RAE's LPIPS, GAN loss and EMA are left out.
+Backends, one loop: torch_xla SPMD when PJRT_DEVICE is set (one process per host; mesh (data, fsdp); parameters sharded
+on their largest divisible dimension, as FSDPv2; one XLA graph per step; logs in step closures, so the host waits for
+the device only to log or save), else plain PyTorch on one CUDA device or the CPU. Unlike the official code, a resumed
+run restores the optimizer state, the data position and the RNG. Outputs in --out: args.json, log.jsonl, ckpt-<step>/
+(torch.distributed.checkpoint, host<r>.pt, manifest.json written last) and export/, the format sample.py loads.
 """
 
 import argparse
@@ -61,16 +30,16 @@ import torch.nn.functional as F
 
 from data import SampleStream, batches, open_source
 from dit import DIT_PRESETS, dit_flops
-from encoders import load_encoder, num_tokens, read_encoder_config
+from encoders import denormalize, load_encoder, num_tokens, read_encoder_config
 from model import QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig, checkpoint_encoder
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
-from weights import read_config, resolve
+from weights import from_dict, read_config, resolve, write_atomic
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
 
-STAGE_DEFAULTS = {  # official values (training notes §6.1, items 12-16); the decoder's are RAE's (ViT-XL recipe)
+STAGE_DEFAULTS = {  # the official values; the decoder's are RAE's (ViT-XL recipe)
     "1": dict(lr=5.65e-5, warmup_ratio=0.0134, seq_len=512, log_every=100),
     "2": dict(lr=5.66e-5, warmup_ratio=0.03, seq_len=1024, log_every=10),
     "decoder": dict(lr=2e-4, warmup_ratio=1 / 16, seq_len=512, log_every=100),
@@ -105,7 +74,7 @@ parser.add_argument("--vision-coef", type=float, default=2.0, help="loss = CE + 
 parser.add_argument("--diffusion-timesteps-per-sample", type=int, default=1, help="stages 1 and 2: K timesteps per "
                     "image (official K-tiling: K DiT passes per LLM pass; the released runs use 1)")
 parser.add_argument("--noise-tau", type=float, default=0.8, help="decoder: latent noise sigma ~ U(0, tau) (RAE)")
-parser.add_argument("--no-grad-ckpt", action="store_true", help="keep activations instead of recomputing them")
+parser.add_argument("--no-grad-ckpt", action="store_true", help="keep activations, do not recompute (faster on a CPU)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--log-every", type=int)
 parser.add_argument("--save-every", type=int, default=1000)
@@ -189,11 +158,6 @@ def to_device(batch):
     return {k: xm.send_cpu_data_to_device([t], device, spec(t))[0] for k, t in batch.items()}
 
 
-def on_host(fn, *fn_args):
-    """Run fn once the current step's tensors exist: an XLA step closure (after the graph ran), else right away."""
-    xm.add_step_closure(fn, fn_args) if USE_XLA else fn(*fn_args)
-
-
 def sync():  # end of a step: compile (once) and launch the traced XLA graph; the host does not wait for it
     if USE_XLA:
         torch_xla.sync()
@@ -204,8 +168,12 @@ def barrier():
         dist.barrier()
 
 
+def log(msg):
+    if rank == 0:
+        print(msg, flush=True)
+
+
 out = Path(args.out)
-log_path = out / "log.jsonl"
 if out.exists() and any(out.iterdir()):
     if not args.resume:
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
@@ -214,8 +182,7 @@ if out.exists() and any(out.iterdir()):
 if rank == 0:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "args.json").exists():
-        (out / "args.json.tmp").write_text(json.dumps(vars(args), indent=1))
-        (out / "args.json.tmp").replace(out / "args.json")
+        write_atomic(out / "args.json", json.dumps(vars(args), indent=1).encode())
 barrier()
 saved_args = json.loads((out / "args.json").read_text())
 free = ("out", "resume", "log_every", "save_every", "keep", "peak_tflops", "backend", "data_parallel")
@@ -226,12 +193,6 @@ if changed:
 if (out / "export").exists():
     print(f"{out} holds a finished run (export/ exists): nothing to do")
     raise SystemExit(0)
-
-
-def log(msg):
-    if rank == 0:
-        print(msg, flush=True)
-
 
 torch.manual_seed(args.seed)  # every host builds the same initial weights (data.py seeds its own shuffling)
 if USE_XLA:
@@ -248,7 +209,7 @@ encoder = load_encoder(encoder_path)  # frozen: eval mode, requires_grad False; 
 if args.stage == "1":
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.init, add_image_markers=True)
     if args.init:
-        llm_config = QwenConfig.from_dict(read_config(resolve(args.init, allow_patterns=["*.json"])))
+        llm_config = from_dict(QwenConfig, read_config(resolve(args.init, allow_patterns=["*.json"])))
     else:  # a toy LLM from scratch: its vocabulary is the tokenizer's
         llm_config = replace(QWEN_PRESETS[args.llm], vocab_size=len(tokenizer))
     # The DiT generates the encoder's tokens: its grid and channels are the encoder's (16 x 16 x 1152 for SigLIP-2).
@@ -265,7 +226,6 @@ if args.stage == "1":
 if args.stage == "decoder":
     model = RAEDecoder(DECODER_PRESETS[args.decoder], encoder.hidden_size, encoder.image_mean, encoder.image_std)
     tokenizer = None  # the stream reads only the images
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (encoder.image_mean, encoder.image_std))
     out_size = model.config.image_size
 
     def compute_loss(batch):
@@ -274,14 +234,13 @@ if args.stage == "decoder":
             z = encoder.encode(batch["pixel_values"])  # (B, T, C)
             sigma = args.noise_tau * torch.rand(z.shape[0], 1, 1, device=z.device)
             z = z + sigma * torch.randn_like(z)  # RAE's noise augmentation: a decoder robust to imperfect latents
-            target = batch["pixel_values"] * std + mean  # (B, 3, S, S) in [0, 1]
+            target = denormalize(batch["pixel_values"], encoder.image_mean, encoder.image_std)
             if target.shape[-1] != out_size:  # e.g. a 256px decoder on a 224px encoder
                 target = F.interpolate(target, size=(out_size, out_size), mode="bicubic", align_corners=False)
         err = model(z) - target  # (B, 3, H, W)
         w = batch["has_image"].float()
         n = w.sum().clamp(min=1)
-        l1 = (err.abs().mean((1, 2, 3)) * w).sum() / n
-        mse = (err.pow(2).mean((1, 2, 3)) * w).sum() / n
+        l1, mse = ((e.mean((1, 2, 3)) * w).sum() / n for e in (err.abs(), err.pow(2)))
         return l1 + mse, dict(l1=l1, mse=mse)
 else:
     def compute_loss(batch):
@@ -307,9 +266,8 @@ if not args.no_grad_ckpt:  # recompute each LLM layer and DiT block (decoder: ea
         def checkpoint_module(module):
             forward = module.forward
             module.forward = lambda *a, **k: checkpoint(forward, *a, use_reentrant=False, **k)
-    blocks = (model.decoder_layers if args.stage == "decoder" else
-              [*model.model.layers, *model.diff_head.model.dit_blocks])
-    for block in blocks:
+    for block in (model.decoder_layers if args.stage == "decoder" else
+                  [*model.model.layers, *model.diff_head.model.dit_blocks]):
         checkpoint_module(block)
 
 if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/xla#3811); before the optimizer
@@ -328,9 +286,7 @@ groups = [dict(params=rest, lr=args.lr, betas=(0.9, 0.999) if args.stage != "dec
 if head:
     groups.append(dict(params=head, lr=args.lr * args.diff_head_lr_scale, betas=(0.9, 0.95)))
 optimizer = torch.optim.AdamW(groups, eps=1e-8, weight_decay=0.0)
-for p in (p for g in groups for p in g["params"]):
-    # AdamW's state as its first step would create it, made now: sharded like its parameter from the start, and
-    # there for a checkpoint to be restored into.
+for p in (p for g in groups for p in g["params"]):  # AdamW's state now: sharded like p, ready to be restored into
     state = optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
                                       exp_avg_sq=torch.zeros_like(p))
     if USE_XLA:
@@ -376,30 +332,15 @@ def train_step(batch):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: this host's shard of the stream, fixed-shape batches
 
-per_host = args.batch_size // world
 stream = SampleStream(open_source(args.data, args.image_folder), tokenizer, args.seq_len, rank=rank, world=world,
                       seed=args.seed, images_only=args.stage == "decoder", image_tokens=encoder.num_tokens)
-tokens_per_sample = args.seq_len if args.stage != "decoder" else encoder.num_tokens
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: written into a temporary folder, renamed when complete; the newest intact one is resumed
+# Checkpoints: written into a temporary folder, renamed when complete (manifest last); the newest intact one resumes
 
 
 def checkpoints():
     return sorted(out.glob("ckpt-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def rng_state():  # where the random draws of the steps come from (timesteps, noise, CFG dropout)
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                xla=xm.get_rng_state() if USE_XLA else None)
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None:
-        torch.cuda.set_rng_state(s["cuda"])
-    if s["xla"] is not None:
-        xm.set_rng_state(s["xla"])
 
 
 def save_checkpoint(step):
@@ -410,13 +351,15 @@ def save_checkpoint(step):
     barrier()
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict())
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), planner=SPMDSavePlanner() if USE_XLA else None)
-    torch.save(dict(step=step, data=stream.state_dict(), rng=rng_state()), tmp / f"host{rank}.pt")
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
+               xla=xm.get_rng_state() if USE_XLA else None)  # the steps' draws: timesteps, noise, CFG dropout
+    torch.save(dict(step=step, data=stream.state_dict(), rng=rng), tmp / f"host{rank}.pt")
     # state_dict() tensors alias the parameters, and torch.distributed.checkpoint leaves reference cycles around
     # them; while an alias lives, XLA must also output it after each in-place update: another graph.
     del state
     gc.collect()
     barrier()
-    if rank == 0:  # manifest last: a folder without one, or with a file of another size, is not a checkpoint
+    if rank == 0:  # a folder without a manifest, or with a file of another size, is not a checkpoint
         sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps(dict(step=step, files=sizes)))
         shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
@@ -437,7 +380,6 @@ def check_checkpoint(path):
             return f"{name} is missing"
         if (path / name).stat().st_size != size:
             return f"{name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
-    return None
 
 
 def load_checkpoint(path):
@@ -450,7 +392,11 @@ def load_checkpoint(path):
     host = torch.load(path / f"host{rank}.pt", weights_only=False)
     stream.load_state_dict(host["data"])
     sync()  # the restored tensors become device buffers before the first step is traced
-    set_rng_state(host["rng"])  # last: every XLA sync advances the device RNG
+    torch.set_rng_state(host["rng"]["torch"])  # the RNG last: every XLA sync advances the device RNG
+    if host["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(host["rng"]["cuda"])
+    if host["rng"]["xla"] is not None:
+        xm.set_rng_state(host["rng"]["xla"])
     return host["step"]
 
 
@@ -477,10 +423,11 @@ else:
 
 meter = dict(time=time.perf_counter(), step=start, halt=None)
 total_flops = flops_per_sample() * args.batch_size
+tokens_per_sample = args.seq_len if args.stage != "decoder" else encoder.num_tokens
 
 
 def report(step, metrics, lrs, bad):
-    """Runs on the host once the step's tensors exist."""
+    """Log a step: runs on the host once the step's tensors exist (under XLA, in a step closure)."""
     now = time.perf_counter()
     dt, steps = now - meter["time"], step - meter["step"]
     meter.update(time=now, step=step)
@@ -497,31 +444,33 @@ def report(step, metrics, lrs, bad):
         meter["halt"] = step
     if rank == 0:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
-        with open(log_path, "a") as f:
+        with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
 
-batch_iter = batches(stream, per_host, encoder.preprocess, encoder.image_size)
+batch_iter = batches(stream, args.batch_size // world, encoder.preprocess, encoder.image_size)  # resumed position
 bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient since the last check
 for step in range(start + 1, args.steps + 1):
     batch = to_device(next(batch_iter))
     for g, base in zip(optimizer.param_groups, base_lrs):
-        # A Python float: XLA passes it as data, not as a constant, so a new value does not recompile the step. XLA
-        # passes equal numbers as one value, though, and at step 1 some coincide (lr 0 in both groups; Adam's first
-        # bias correction 1 - 0.9 equals 1 - beta1): step 1 compiles a graph of its own, every later step reuses one.
+        # A Python float is passed to XLA as data, so a new value does not recompile the step. Equal numbers are
+        # passed as one value, though, and at step 1 some coincide (lr 0 in both groups; Adam's first bias
+        # correction 1 - 0.9 equals 1 - beta1): step 1 compiles a graph of its own, every later step reuses one.
         g["lr"] = base * lr_factor(step - 1)
     metrics = train_step(batch)
     bad = bad | ~torch.isfinite(metrics["loss"]) | ~torch.isfinite(metrics["grad_norm"])
     if step % args.log_every == 0 or step == args.steps:
-        on_host(report, step, metrics, [g["lr"] for g in optimizer.param_groups], bad)
+        report_args = (step, metrics, [g["lr"] for g in optimizer.param_groups], bad)
+        xm.add_step_closure(report, report_args) if USE_XLA else report(*report_args)
     sync()
-    if meter["halt"] is None and (step % args.save_every == 0 or step == args.steps) and bad.item():
+    save = step % args.save_every == 0 or step == args.steps
+    if meter["halt"] is None and save and bad.item():
         meter["halt"] = step  # never checkpoint weights that a non-finite gradient has reached
     if meter["halt"] is not None:
         last = checkpoints()[-1].name if checkpoints() else "none"
         raise SystemExit(f"non-finite loss or gradient norm by step {meter['halt']}: stopping. The last good "
                          f"checkpoint ({out / last}) is untouched.")
-    if step % args.save_every == 0 or step == args.steps:
+    if save:
         save_checkpoint(step)
         log(f"saved {out / f'ckpt-{step}'}")
 
@@ -530,9 +479,6 @@ for step in range(start + 1, args.steps + 1):
 
 model.to("cpu")  # gathers the shards; every host takes part
 if rank == 0:
-    if args.stage == "decoder":
-        model.save_pretrained(out / "export")
-    else:
-        model.save_pretrained(out / "export", tokenizer)
+    model.save_pretrained(out / "export", *([] if args.stage == "decoder" else [tokenizer]))
     log(f"exported {out / 'export'}")
 barrier()
