@@ -62,12 +62,7 @@ class Dinov2Config:  # defaults are transformers' Dinov2Config defaults
     num_register_tokens: int = 0  # > 0 only for model_type `dinov2_with_registers`
 
 
-ENCODER_PRESETS = {
-    "google/siglip2-so400m-patch14-224": SiglipVisionConfig(hidden_size=1152, intermediate_size=4304,
-                                                            num_hidden_layers=27, num_attention_heads=16,
-                                                            patch_size=14),
-    "facebook/webssl-dino300m-full2b-224": Dinov2Config(hidden_size=1024, num_hidden_layers=24,
-                                                        num_attention_heads=16),
+ENCODER_PRESETS = {  # the released encoders are read from their config.json
     # The toy encoder (toy.py): 64 px in patches of 8 -> 8 x 8 = 64 tokens, so that every stage trains on a CPU;
     # 96 channels are enough to keep the shapes of a patch's 192 pixel values.
     "toy": SiglipVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -80,9 +75,7 @@ def num_tokens(cfg):
     return (cfg.image_size // cfg.patch_size) ** 2
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Images in: files and PIL images to normalized pixel tensors, and back
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Images in: files and PIL images to normalized pixel tensors, and back ----
 
 def to_rgb(image):
     """Any PIL image as 8-bit RGB, as the official CLI's `.convert("RGB")` (alpha dropped), except that 16-bit
@@ -164,9 +157,7 @@ class ImageProcessing:
         return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Shared pieces: attention, MLP, what both encoders do
-# ---------------------------------------------------------------------------------------------------------------
+# ---- Shared pieces: attention, MLP, what both encoders do ----
 
 def named(**modules):
     """A container that only reproduces the official nesting of parameter names (`output.dense.weight`)."""
@@ -229,9 +220,7 @@ class Encoder(nn.Module):
         return next(self.parameters()).dtype
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# SigLIP (the vision tower of a SigLIP / SigLIP-2 fixed-resolution checkpoint)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- SigLIP (the vision tower of a SigLIP / SigLIP-2 fixed-resolution checkpoint) ----
 
 class SiglipEmbeddings(nn.Module):
     def __init__(self, cfg):
@@ -330,9 +319,7 @@ class SigLIP2Encoder(Encoder):
         return F.layer_norm(x, (x.shape[-1],), eps=1e-6)  # non-affine LN on the last layer's output (RAE space)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# DINOv2 (WebSSL-DINO)
-# ---------------------------------------------------------------------------------------------------------------
+# ---- DINOv2 (WebSSL-DINO) ----
 
 class Dinov2Embeddings(nn.Module):
     def __init__(self, cfg):

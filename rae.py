@@ -126,8 +126,8 @@ class RAEDecoder(nn.Module):
 
     def save_pretrained(self, folder):
         """The released layout, in a new folder: a ViT-MAE-style config.json and model.pt (flat, float32)."""
-        config = dict(model_type="vit_mae", architectures=["GeneralDecoder"], hidden_size=self.decoder_embed.in_features,
-                      **asdict(self.config))
+        config = dict(model_type="vit_mae", architectures=["GeneralDecoder"],
+                      hidden_size=self.decoder_embed.in_features, **asdict(self.config))
 
         def write(tmp):
             sd = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}

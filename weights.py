@@ -120,10 +120,8 @@ def write_folder(folder, write):
     if folder.exists():
         raise FileExistsError(f"{folder} exists; write to a new folder")
     tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.is_dir() and not tmp.is_symlink():
+    if tmp.exists():
         shutil.rmtree(tmp)
-    else:
-        tmp.unlink(missing_ok=True)
     tmp.mkdir(parents=True)
     write(tmp)
     tmp.rename(folder)
@@ -155,11 +153,8 @@ def load_strict(module: nn.Module, state_dict, what, dtype=None):
         raise WeightsError(f"{what} does not match the model" + show("missing", missing)
                            + show("unexpected", unexpected) + show("wrong shape", mismatched))
     params = dict(module.named_parameters())
-    sd = {}
-    for k, v in state_dict.items():
-        if v.is_floating_point():
-            v = v.to((dtype or expected[k].dtype) if k in params else torch.float32)
-        sd[k] = v
+    sd = {k: v.to((dtype or expected[k].dtype) if k in params else torch.float32) if v.is_floating_point() else v
+          for k, v in state_dict.items()}
     module.load_state_dict(sd, strict=False, assign=True)
     meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if meta:

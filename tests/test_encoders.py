@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from encoders import (ENCODER_PRESETS, DINOv2Encoder, ImageProcessing, SigLIP2Encoder, load_encoder, load_image,
-                      read_encoder_config)
+from encoders import (Dinov2Config, DINOv2Encoder, ImageProcessing, SigLIP2Encoder, SiglipVisionConfig, load_encoder,
+                      load_image, read_encoder_config)
 from weights import WeightsError
 
 transformers = pytest.importorskip("transformers")
@@ -76,12 +76,18 @@ def test_bf16_encoder_is_close_to_float32(tiny_siglip_dir):
     assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 0.1
 
 
-@pytest.mark.parametrize("name,cls,width", [("google/siglip2-so400m-patch14-224", SigLIP2Encoder, 1152),
-                                            ("facebook/webssl-dino300m-full2b-224", DINOv2Encoder, 1024)])
+RELEASED = {  # the config.json numbers of google/siglip2-so400m-patch14-224 and facebook/webssl-dino300m-full2b-224
+    "siglip2": SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                  patch_size=14),
+    "webssl": Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+}
+
+
+@pytest.mark.parametrize("name,cls,width", [("siglip2", SigLIP2Encoder, 1152), ("webssl", DINOv2Encoder, 1024)])
 def test_released_geometry_gives_256_tokens(name, cls, width):
     """The released encoders' configs, built on `meta` (no memory): 256 tokens of 1152 or 1024 channels."""
     with torch.device("meta"):
-        enc = cls(ENCODER_PRESETS[name], ImageProcessing(224, (0.5,) * 3, (0.5,) * 3))
+        enc = cls(RELEASED[name], ImageProcessing(224, (0.5,) * 3, (0.5,) * 3))
         out = enc.encode(torch.empty(2, 3, 224, 224))
     assert out.shape == (2, 256, width) and enc.hidden_size == width
 
