@@ -62,12 +62,10 @@ class Dinov2Config:  # defaults are transformers' Dinov2Config defaults
     num_register_tokens: int = 0  # > 0 only for model_type `dinov2_with_registers`
 
 
-ENCODER_PRESETS = {  # the released encoders are read from their config.json
-    # The toy encoder (toy.py): 64 px in patches of 8 -> 8 x 8 = 64 tokens, so that every stage trains on a CPU;
-    # 96 channels are enough to keep the shapes of a patch's 192 pixel values.
-    "toy": SiglipVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=64, patch_size=8),
-}
+# The toy encoder (toy.py; the released ones come with their config.json): 64 px in patches of 8 -> 8 x 8 = 64
+# tokens, so that every stage trains on a CPU; 96 channels are enough to keep the shapes of a patch's 192 pixel values.
+ENCODER_PRESETS = {"toy": SiglipVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=64, patch_size=8)}
 
 
 def num_tokens(cfg):
@@ -136,8 +134,7 @@ class ImageProcessing:
     def resize(self, image):
         if isinstance(self.size, int):
             w, h = image.size
-            short, long = min(w, h), max(w, h)
-            new_long = int(self.size * long / short)
+            new_long = int(self.size * max(w, h) / min(w, h))
             image = image.resize((self.size, new_long) if w <= h else (new_long, self.size), self.resample)
             a = np.asarray(image)
             top, left = (a.shape[0] - self.size) // 2, (a.shape[1] - self.size) // 2
@@ -147,8 +144,6 @@ class ImageProcessing:
 
     def __call__(self, images):
         """A list of PIL images -> (B, 3, H, W) float32 normalized pixels."""
-        if isinstance(images, Image.Image):
-            images = [images]
         if not images:
             raise ValueError("no images to preprocess")
         x = np.stack([self.resize(to_rgb(im)) for im in images])  # (B, H, W, 3) uint8

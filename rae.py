@@ -184,11 +184,8 @@ class RAE:
         return self._encoder
 
     @torch.no_grad()
-    def encode(self, images):
-        """PIL images (preprocessed here) or normalized pixels (B, 3, 224, 224) -> latents (B, 256, C)."""
-        if not isinstance(images, torch.Tensor):
-            images = self.encoder.preprocess(images)
-        return self.encoder.encode(images.to(next(self.encoder.parameters()).device))
+    def encode(self, images):  # a list of PIL images -> latents (B, 256, C)
+        return self.encoder.encode(self.encoder.preprocess(images).to(next(self.encoder.parameters()).device))
 
     @torch.no_grad()
     def decode(self, latents):  # (B, 256, C) -> (B, 3, H, W) in [0, 1]

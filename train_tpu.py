@@ -150,8 +150,7 @@ def fsdp_spec(p):
 
 
 def to_device(batch):
-    """Host batch -> device. Under SPMD each host passes its slice and XLA assembles the global batch, sharded on
-    dim 0 over every device (minibatch=True)."""
+    """Host batch -> device. Under SPMD each host passes its slice of the global batch, sharded on dim 0."""
     if not USE_XLA:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     spec = lambda t: xs.ShardingSpec(mesh, (("data", "fsdp"),) + (None,) * (t.dim() - 1), minibatch=True)  # noqa: E731

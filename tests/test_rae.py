@@ -213,7 +213,7 @@ def test_round_trip_through_tiny_encoders(tiny_siglip_dir, tiny_dino_dir, decode
         assert rae.decoder.image_mean == mean  # de-normalized with the encoder's statistics
         latents = rae.encode(images)
         assert latents.shape == (B, 256, ENC_WIDTH)
-        assert torch.equal(latents, rae.encode(rae.encoder.preprocess(images)))
+        assert torch.equal(latents, rae.encoder.encode(rae.encoder.preprocess(images)))
         out = rae.decode(latents)
         assert out.shape == (B, 3, 224, 224) and out.min() >= 0 and out.max() <= 1
         assert torch.equal(out, rae.decoder(latents).clamp(0, 1))
