@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from model import at_least, load_pipeline
+from model import at_least, available_device, load_pipeline
 from shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes,
                     analyze_shapes, generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
-from weights import WeightsError, write_atomic
+from weights import WeightsError, check_writable, write_atomic
 
 ATTRIBUTES = SCORED + ("size",)
 SPLITS = ("seen", "held-out")
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default="toy", help="Scale-RAE checkpoint (default: the shipped toy model)")
     p.add_argument("--decoder-repo", help="RAE decoder (default: the checkpoint's decoder/ or its encoder's)")
-    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the prompts, the questions and the DiT noise")
+    p.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=0, help="seed of the prompts, the questions and the DiT noise")
     p.add_argument("--num-prompts", type=at_least(1), default=100, help="generation prompts (half seen, half held-out)")
     p.add_argument("--num-questions", type=at_least(0), help="questions about real images (default: --num-prompts; "
                                                              "0: none, and the encoder is never loaded)")
@@ -44,15 +44,23 @@ def parse_args(argv=None):
                    help="classifier-free guidance scale; 1.0 = off")
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="per answer, and before an image opens")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="prompts per LLM batch and images per DiT batch")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=available_device, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--grid", help="write a PNG grid of the samples with their prompts here")
     p.add_argument("--json", help="write the numbers and every sample here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --grid or --json")
     args = p.parse_args(argv)
     if args.num_questions is None:
         args.num_questions = args.num_prompts
     if args.grid and not args.grid.lower().endswith(".png"):
         p.error(f"--grid must name a .png file, got {args.grid}")
+    for out in filter(None, (args.grid, args.json)):  # checked now, not after the whole evaluation
+        if Path(out).exists() and not args.force:
+            p.error(f"{out} exists; choose another name or pass --force")
+        try:
+            check_writable(Path(out).parent)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 

@@ -12,6 +12,7 @@ hidden states condition the DiT. Training: cross-entropy on the answer + 2.0 x t
 import argparse
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -277,7 +278,7 @@ class ScaleRAEConfig(QwenConfig):
         required = ["hidden_size", "diffusion_model_hidden_size", "diffusion_model_depth", "diffusion_model_heads",
                     "diffusion_model_channels", "diffusion_model_z_channels", "mm_vision_tower_aux_list"]
         problems = [f"{k} is missing" for k in required if k not in d]
-        expected = {"vision_loss": "diffusion-loss", "vision_loss_mode": "query", "mm_projector_type": "mlp2x_gelu",
+        expected = {"model_type": "qwen2", "vision_loss": "diffusion-loss", "vision_loss_mode": "query", "mm_projector_type": "mlp2x_gelu",
                     "dit_cls": "DiT"}
         problems += [f"{k}={d[k]!r} (supported: {v!r})" for k, v in expected.items() if d.get(k, v) != v]
         if d.get("diffusion_norm_stats_path"):
@@ -461,6 +462,11 @@ class ScaleRAE(Qwen2ForCausalLM):
         image_features (N, 256, C), prompt i is about image i (understanding). [(generated ids, condition or None)]."""
         with_image = image_features is not None
         ids = [tokenizer.encode_with_image(chat_prompt(p, image=with_image), self.config.image_tokens) for p in prompts]
+        trained = self.config.tokenizer_model_max_length
+        for p, i in zip(prompts, ids):
+            if len(i) > trained:
+                warnings.warn(f"prompt {p[:40]!r}... is {len(i)} tokens, longer than the {trained} positions the model "
+                              f"was trained on; expect a poor answer")
         n = batch_size or len(ids)
         return [r for i in range(0, len(ids), n) for r in self.generate(
             ids[i:i + n], {tokenizer.chat_end}, tokenizer.image_start,
@@ -525,12 +531,27 @@ def load_pipeline(path, decoder=None, dtype=None, device=None):
         raise WeightsError(f"{type(e).__name__}: {e}") from None
 
 
-def at_least(lo, kind=int):
-    """An argparse type for the scripts: a number >= lo, so a bad value is a usage error before anything loads."""
+def at_least(lo, kind=int, hi=None):
+    """An argparse type for the scripts: a finite number in [lo, hi], so a bad value is a usage error before anything
+    loads (a NaN guidance scale would otherwise draw black images)."""
     def parse(text):
         value = kind(text)
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+                                             + f", got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
     return parse
+
+
+def available_device(name):
+    """An argparse type for the scripts: a torch device this machine has (cpu, cuda[:n], mps)."""
+    try:
+        d = torch.device(name)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e).splitlines()[0]) from None
+    present = {"cpu": True, "cuda": torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count(),
+               "mps": torch.backends.mps.is_available()}
+    if not present.get(d.type, False):
+        raise argparse.ArgumentTypeError(f"{name}: no such device here")
+    return name

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from dit import official_timesteps
 from encoders import load_image
-from model import at_least, load_pipeline
-from weights import WeightsError, write_atomic
+from model import at_least, available_device, load_pipeline
+from weights import WeightsError, check_writable, write_atomic
 
 DEFAULT_MODEL = "nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B"
 
@@ -37,16 +37,16 @@ def parse_args(argv=None):
     p.add_argument("--model-path", default=DEFAULT_MODEL, help="Hub id or local folder of a Scale-RAE checkpoint")
     p.add_argument("--decoder-repo", help="Hub id or local folder of the RAE decoder (default: the one released "
                                           "for the model's encoder, or the checkpoint's own decoder/)")
-    p.add_argument("--seed", type=at_least(0), default=42, help="image i of the run uses seed + i (default 42)")
-    p.add_argument("--num-images", type=at_least(1), default=1, help="images per prompt")
+    p.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=42, help="image i uses seed + i (default 42)")
+    p.add_argument("--num-images", type=at_least(1, hi=10_000), default=1, help="images per prompt")
     p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0,
                    help="classifier-free guidance scale; 1.0 = off (official default), > 1 = real CFG")
-    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"),
+    p.add_argument("--cfg-interval", type=at_least(0, float, hi=1), nargs=2, metavar=("LO", "HI"),
                    help="apply guidance only for t in [LO, HI] (t = 1 is noise)")
     p.add_argument("--steps", type=at_least(1), help="Euler steps (default: the official 49-evaluation schedule)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=512)
     p.add_argument("--batch-size", type=at_least(1), default=8, help="prompts per LLM batch and images per DiT batch")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=available_device, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--save-latent", action="store_true", help="also save each latent (safetensors, key 'latent')")
@@ -65,7 +65,10 @@ def parse_args(argv=None):
         p.error("--image and --latent are exclusive")
     if (args.image or args.latent) and len(args.prompts) > 1:
         p.error("--image/--latent take a single --prompt")
+    if args.cfg_interval and args.cfg_interval[0] > args.cfg_interval[1]:
+        p.error(f"--cfg-interval LO HI needs LO <= HI, got {args.cfg_interval}")
     try:
+        check_writable(args.output_dir)
         args.input_image = load_image(args.image) if args.image else None
         args.input_latent = read_latent(args.latent) if args.latent else None
     except (OSError, ValueError) as e:
@@ -75,10 +78,19 @@ def parse_args(argv=None):
 
 def read_prompts(parser, path):
     try:
-        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [json.loads(line)["prompt"] for line in lines] if path.endswith(".jsonl") else lines
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        parser.error(f"--prompts-file {path}: one prompt per line, or JSONL with a 'prompt' field ({e!r})")
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"--prompts-file {path}: {e}")
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                prompts.append(json.loads(line)["prompt"] if path.endswith(".jsonl") else line)
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                parser.error(f"--prompts-file {path}, line {n}: not a JSON object with a 'prompt' field ({e!r})")
+            if not isinstance(prompts[-1], str):
+                parser.error(f"--prompts-file {path}, line {n}: the prompt must be a string, got {prompts[-1]!r}")
+    return prompts
 
 
 def read_latent(path):
@@ -86,20 +98,27 @@ def read_latent(path):
         latent = load_file(path)["latent"]
     except (OSError, SafetensorError, KeyError) as e:
         raise ValueError(f"--latent {path} is not a latent file written by --save-latent ({e!r})") from None
-    if latent.ndim != 2:
-        raise ValueError(f"--latent {path} holds shape {tuple(latent.shape)}; expected (tokens, channels)")
+    if latent.ndim != 2 or not latent.float().isfinite().all():
+        raise ValueError(f"--latent {path} holds a {tuple(latent.shape)} tensor that is not (tokens, channels) of "
+                         f"finite numbers")
     return latent.float()
 
 
-def reserve(folder, stem, suffix):
-    """A new file name (stem, stem-1, stem-2, ...) created exclusively, so concurrent runs never collide."""
+def write_new(folder, stem, suffix, write):
+    """Write a new file (stem, stem-1, stem-2, ... + suffix) and return its path: the name is taken exclusively, so
+    concurrent runs never collide and nothing is overwritten, and a failed write leaves no file behind."""
     for i in range(10_000):
         path = folder / f"{stem}{f'-{i}' if i else ''}{suffix}"
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return path
         except FileExistsError:
-            pass
+            continue
+        try:
+            write_atomic(path, write)
+            return str(path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
     raise RuntimeError(f"no free file name for {stem}{suffix} in {folder}")
 
 
@@ -131,7 +150,7 @@ def main(argv=None):
 
     features = None
     if not args.prompts:  # decode only
-        results = [dict(prompt=None, text="", token_ids=[], latents=args.input_latent[None], seeds=[])]
+        results = [dict(prompt=None, text="", token_ids=[], latents=args.input_latent[None], seeds=[None])]
     else:
         features = args.input_latent[None].to(device) if args.input_latent is not None else None
         if args.input_image is not None:
@@ -142,7 +161,7 @@ def main(argv=None):
         t1 = time.perf_counter()
         answers = model.chat(tokenizer, args.prompts, features, args.max_new_tokens, args.batch_size)
         print(f"LLM: {len(args.prompts)} prompt(s) in {time.perf_counter() - t1:.2f}s")
-        results = [dict(prompt=p, text=tokenizer.decode(ids), token_ids=ids, cond=cond, seeds=[])
+        results = [dict(prompt=p, text=tokenizer.decode(ids), token_ids=ids, cond=cond, seeds=[], latents=[])
                    for p, (ids, cond) in zip(args.prompts, answers)]
         # The DiT draws every image of every prompt; image i of the run uses seed + i.
         drawn = [r for r in results if r["cond"] is not None for _ in range(args.num_images)]
@@ -157,42 +176,45 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             print(f"DiT: {len(drawn)} image(s) in {time.perf_counter() - t1:.2f}s")
-            for r in results:
-                r["latents"] = latents[[i for i, d in enumerate(drawn) if d is r]]
+            for r, x in zip(drawn, latents):
+                r["latents"].append(x)
 
-    stamp, images, latent_files = time.strftime("%Y%m%d-%H%M%S"), [], []
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Decode batch_size images at a time; a non-finite latent or image ends the run before any file is written.
+    jobs = [(r, x, seed) for r in results for x, seed in zip(r["latents"], r["seeds"])]
+    n = args.batch_size
+    pixels = [p for i in range(0, len(jobs), n) for p in rae.decode(torch.stack([x for _, x, _ in jobs[i:i + n]]).to(device))]
+    for (r, x, seed), p in zip(jobs, pixels):
+        if not (x.isfinite().all() and p.isfinite().all()):
+            sys.exit(f"error: the image of {r['prompt']!r} (seed {seed}) is not finite (NaN or inf); nothing was written")
+    stamp, out_dir = time.strftime("%Y%m%d-%H%M%S"), Path(args.output_dir)
     for r in results:
         r["images"], r["latent_files"] = [], []
-        if len(r.get("latents", [])) == 0:
-            continue
-        for x, pil in zip(r["latents"], rae.to_pil(rae.decode(r["latents"].to(device)))):
-            png = reserve(out_dir, f"sample_{stamp}_{len(images):02d}", ".png")
-            write_atomic(png, lambda tmp: pil.save(tmp, format="PNG"))
-            images.append(str(png))
-            r["images"].append(str(png))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for k, ((r, x, _), pil) in enumerate(zip(jobs, rae.to_pil(torch.stack(pixels)) if jobs else [])):
+            r["images"].append(write_new(out_dir, f"sample_{stamp}_{k:02d}", ".png", lambda tmp: pil.save(tmp, format="PNG")))
             if args.save_latent:
-                path = reserve(out_dir, f"sample_{stamp}_{len(latent_files):02d}_latent", ".safetensors")
-                write_atomic(path, lambda tmp: save_file({"latent": x.float().cpu().contiguous()}, str(tmp)))
-                latent_files.append(str(path))
-                r["latent_files"].append(str(path))
-
-    manifest = dict(
-        images=images, latents=latent_files, seed=args.seed, model_path=args.model_path,
-        decoder_repo=rae.decoder_path, encoder=rae.encoder_path, guidance_level=args.guidance_level,
-        cfg_interval=args.cfg_interval, steps=args.steps or "official", dtype=str(dtype).split(".")[-1],
-        device=str(device), input_image=args.image, input_latent=args.latent,
-        results=[dict(prompt=r["prompt"], text=r["text"], token_ids=r["token_ids"], images=r["images"],
-                      latents=r["latent_files"], seeds=r["seeds"], image_produced=bool(r["images"])) for r in results])
-    path = reserve(out_dir, f"sample_{stamp}_manifest", ".json")
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False)))
+                r["latent_files"].append(write_new(out_dir, f"sample_{stamp}_{k:02d}_latent", ".safetensors",
+                                                   lambda tmp: save_file({"latent": x.float().cpu().contiguous()}, str(tmp))))
+        images, latent_files = [f for r in results for f in r["images"]], [f for r in results for f in r["latent_files"]]
+        manifest = dict(
+            images=images, latents=latent_files, seed=args.seed, model_path=args.model_path,
+            decoder_repo=rae.decoder_path, encoder=rae.encoder_path, guidance_level=args.guidance_level,
+            cfg_interval=args.cfg_interval, steps=args.steps or "official", dtype=str(dtype).split(".")[-1],
+            device=str(device), input_image=args.image, input_latent=args.latent,
+            results=[dict(prompt=r["prompt"], text=r["text"], token_ids=r["token_ids"], images=r["images"],
+                          latents=r["latent_files"], seeds=[s for s in r["seeds"] if s is not None],
+                          image_produced=bool(r["images"])) for r in results])
+        path = write_new(out_dir, f"sample_{stamp}_manifest", ".json",
+                         lambda tmp: tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False)))
+    except OSError as e:
+        sys.exit(f"error: cannot write the outputs in {out_dir}: {e}")
     for r in results:
         if r["text"]:
             print(f"text: {r['text']}")
         if r["prompt"] is not None and features is None and not r["images"]:
             print(f"no image produced for {r['prompt']!r} (the model did not emit <im_start>)")
-    for f in images + latent_files + [str(path)]:
+    for f in images + latent_files + [path]:
         print(f"wrote {f}")
 
 

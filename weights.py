@@ -11,7 +11,10 @@ Files and folders are written under a temporary name and renamed when complete, 
 """
 
 import json
+import os
+import secrets
 import shutil
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -103,14 +106,34 @@ def read_safetensors(folder, prefix="", keep=None):
 
 
 def write_atomic(path, write):
-    """Write a file as `path.tmp`, then rename it: `write(tmp_path)` writes the content; `write` may also be bytes."""
+    """Write a file under a new temporary name in its folder, then rename it: a crash never leaves half a file, a
+    failed write leaves nothing, and no other file is touched. The file gets the user's umask, like any other.
+    `write(tmp_path)` writes the content; `write` may also be the bytes."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(write, bytes):
-        tmp.write_bytes(write)
-    else:
-        write(tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        tmp.write_bytes(write) if isinstance(write, bytes) else write(tmp)
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) replace the file with a private (0600) one
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_writable(folder):
+    """ValueError now, not after minutes of work, when no file can be created in `folder` (or, while it does not
+    exist yet, in its nearest existing parent): a probe file is created there and removed."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"cannot write in {folder}: {e}") from None
 
 
 def write_folder(folder, write):

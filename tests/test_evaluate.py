@@ -272,6 +272,8 @@ def test_evaluate_end_to_end_writes_table_json_and_grid(checkpoint, tmp_path, ca
     (["--seed", "-1"], "--seed: must be >= 0"),
     (["--steps", "0"], "--steps: must be >= 1"),
     (["--grid", "grid.jpg"], "must name a .png"),
+    (["--json", "/proc/eval.json"], "cannot write in /proc"),
+    (["--device", "cuda:99"], "--device: cuda:99: no such device here"),
 ])
 def test_bad_input_fails_fast_with_a_clear_message(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -283,3 +285,13 @@ def test_a_missing_checkpoint_is_one_clear_message(tmp_path):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--model-path", str(tmp_path / "nothing")])
     assert str(e.value).startswith("error:") and "nothing" in str(e.value)
+
+
+def test_existing_results_are_never_overwritten_silently(tmp_path, capsys):
+    (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "grid.png").write_bytes(b"")
+    for flag, name in (("--json", "eval.json"), ("--grid", "grid.png")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.parse_args([flag, str(tmp_path / name)])
+        assert e.value.code == 2 and "exists; choose another name or pass --force" in capsys.readouterr().err
+        assert evaluate.parse_args([flag, str(tmp_path / name), "--force"]).force

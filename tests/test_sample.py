@@ -4,15 +4,22 @@ decoder folder (ViT-MAE config.json + model.pt), and a SigLIP encoder folder. (t
 itself, as the README's quick start does.)"""
 
 import json
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
 from helpers import write_scale_rae_tokenizer
+from model import ScaleRAE
+from rae import RAE
+from weights import save_safetensors, write_atomic
 from test_rae import write_decoder
 
 IM_START = 151665
@@ -147,6 +154,15 @@ def test_no_image_when_the_model_never_opens_one(dirs, tmp_path, capsys):
     (["--prompt", "x", "--steps", "0"], "--steps: must be >= 1"),
     (["--prompt", "x", "--steps", "two"], "--steps: invalid int value"),
     (["--prompt", "x", "--guidance-level", "-2"], "--guidance-level/--cfg: must be >= 0"),
+    (["--prompt", "x", "--guidance-level", "nan"], "--guidance-level/--cfg: must be >= 0"),
+    (["--prompt", "x", "--cfg", "inf"], "--guidance-level/--cfg: must be >= 0"),
+    (["--prompt", "x", "--cfg-interval", "0.9", "0.1"], "needs LO <= HI"),
+    (["--prompt", "x", "--cfg-interval", "0", "nan"], "--cfg-interval: must be >= 0 and <= 1"),
+    (["--prompt", "x", "--seed", str(2**63)], "--seed: must be >= 0 and <= 9223372036854775807"),
+    (["--prompt", "x", "--num-images", "10001"], "--num-images: must be >= 1 and <= 10000"),
+    (["--prompt", "x", "--device", "tpu9"], "--device: "),
+    (["--prompt", "x", "--device", "cpu:notanumber"], "--device: "),
+    (["--prompt", "x", "--output-dir", "/proc/outputs"], "cannot write in /proc/outputs"),
     (["--prompt", "x", "--image", "/nonexistent.png"], "/nonexistent.png"),
     (["--latent", "/nonexistent.safetensors"], "not a latent file"),
     ([], "give --prompt"),
@@ -156,6 +172,84 @@ def test_bad_input_fails_fast_with_a_clear_message(args, message, capsys, monkey
     with pytest.raises(SystemExit) as e:
         sample.main(["--model-path", "/nonexistent/model", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def png_header(width, height):
+    """A PNG whose header announces width x height: enough for PIL's decompression-bomb check, which reads no pixel."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("bomb.png", png_header(14000, 14000), "not a readable image (DecompressionBombError"),
+    ("nan.safetensors", None, "finite numbers"),
+    ("prompts.jsonl", b'{"prompt": "a cat"}\n{"prompt": 5}\n', "line 2: the prompt must be a string"),
+    ("bad.jsonl", b'{"prompt": "a cat"}\n\n{"prompt": \n', "line 3: not a JSON object"),
+    ("file", b"", "is a file"),
+])
+def test_bad_files_fail_fast_with_a_clear_message(tmp_path, name, content, message, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "load_pipeline", None)
+    path = tmp_path / name
+    if content is None:
+        save_file({"latent": torch.full((256, 32), float("nan"))}, path)
+    else:
+        path.write_bytes(content)
+    flag = {".png": ["--prompt", "x", "--image"], ".safetensors": ["--latent"], ".jsonl": ["--prompts-file"],
+            "": ["--prompt", "x", "--output-dir"]}[path.suffix]
+    with pytest.raises(SystemExit) as e:
+        sample.main([*flag, str(path / "sub" if name == "file" else path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_no_output_folder_when_loading_fails(dirs, tmp_path, capsys):
+    run(capsys, dirs, "--prompt", "x", "--model-path", str(tmp_path / "none"), "--output-dir", str(tmp_path / "out"),
+        ok=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_latents_and_failed_writes_leave_no_file(dirs, tmp_path, capsys, monkeypatch):
+    """A NaN latent ends the run naming prompt and seed before any file is written; a write that fails (a full disk)
+    is one error line and leaves neither a 0-byte PNG nor a temporary file."""
+    real = ScaleRAE.sample_latents
+    monkeypatch.setattr(ScaleRAE, "sample_latents", lambda *a, **k: real(*a, **k) * float("nan"))
+    out = run(capsys, dirs, "--prompt", "a cat", "--steps", "1", "--output-dir", str(tmp_path / "nan"), ok=False)
+    assert "'a cat' (seed 42) is not finite" in out and not (tmp_path / "nan").exists()
+    monkeypatch.setattr(ScaleRAE, "sample_latents", real)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = run(capsys, dirs, "--prompt", "a cat", "--steps", "1", "--output-dir", str(tmp_path / "full"), ok=False)
+    assert out.startswith("error: cannot write the outputs") and "No space left" in out
+    assert list((tmp_path / "full").iterdir()) == []
+
+
+def test_images_decode_in_batches_and_long_prompts_warn(dirs, tmp_path, capsys, monkeypatch):
+    sizes = []
+    real = RAE.decode
+    monkeypatch.setattr(RAE, "decode", lambda self, z: sizes.append(len(z)) or real(self, z))
+    run(capsys, dirs, "--prompt", "a cat", "--steps", "1", "--num-images", "3", "--batch-size", "2",
+        "--output-dir", str(tmp_path))
+    assert sizes == [2, 1] and len(list(tmp_path.glob("*.png"))) == 3
+    with pytest.warns(UserWarning, match="longer than the 512 positions"):
+        run(capsys, dirs, "--prompt", "cat " * 600, "--max-new-tokens", "1", "--output-dir", str(tmp_path / "long"),
+            model="chat")
+
+
+def test_outputs_get_the_users_umask_and_foreign_temporaries_are_kept(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_file({"a": torch.zeros(1)}, tmp_path / "plain.safetensors")  # what safetensors does alone: 0600
+        save_safetensors({"a": torch.zeros(1)}, tmp_path / "model.safetensors")
+        assert os.stat(tmp_path / "model.safetensors").st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    (tmp_path / "x.png.tmp").write_text("someone else's")
+    write_atomic(tmp_path / "x.png", b"ours")
+    assert (tmp_path / "x.png.tmp").read_text() == "someone else's" and (tmp_path / "x.png").read_bytes() == b"ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "plain.safetensors", "x.png", "x.png.tmp"]
 
 
 def test_missing_weights_and_bad_checkpoints_are_one_clear_message(dirs, tmp_path, capsys):
@@ -170,3 +264,11 @@ def test_missing_weights_and_bad_checkpoints_are_one_clear_message(dirs, tmp_pat
     save_file(sd, bad / "model.safetensors")
     out = run(capsys, dirs, "--prompt", "x", "--model-path", str(bad), ok=False)
     assert out.startswith("error:") and "missing (1): diff_head_projector.bias" in out
+
+
+def test_a_config_of_another_model_type_is_refused(tmp_path):
+    from model import ScaleRAEConfig
+    from weights import WeightsError
+    ScaleRAEConfig.from_official(official_config(tmp_path))
+    with pytest.raises(WeightsError, match="model_type='llama' \\(supported: 'qwen2'\\)"):
+        ScaleRAEConfig.from_official(official_config(tmp_path, model_type="llama"))
