@@ -58,11 +58,8 @@ def _fixed_ids(tokenizer):
 
 
 def encode_conversation(tokenizer, conversations, has_image, max_len, image_tokens=IMAGE_TOKENS):
-    """(input_ids, labels, image_is_target) of one sample, unpadded, at most max_len long.
-
-    Raises Skip("malformed") for a conversation it cannot read, Skip("too_many_images") for more than one
-    `<image>`, Skip("too_long") for an image sample longer than max_len once expanded (text-only ones are truncated).
-    """
+    """(input_ids, labels, image_is_target) of one sample, unpadded, at most max_len long (text is truncated, an image
+    sample too long is Skip("too_long")); Skip("malformed") or Skip("too_many_images") for what cannot be read."""
     try:  # official field names from/value; role/content are read too, as official
         turns = [(t.get("from", t.get("role")), t.get("value", t.get("content"))) for t in conversations]
     except (AttributeError, TypeError):
@@ -220,12 +217,9 @@ class Sample:
 
 
 class SampleStream:
-    """Endless iterator of `Sample`s for data-parallel host `rank` of `world` (see the module docstring).
-
-    max_len: the fixed sequence length L (official model_max_length). buffer_size: records shuffled together.
-    epochs: stop after this many (None: never stop). images_only: skip text-only samples (the decoder stage reads
-    only the images; with tokenizer None, samples carry no tokens). `stats` counts records read, samples used, and skips by reason.
-    """
+    """Endless iterator of `Sample`s for data-parallel host `rank` of `world`, padded to max_len, shuffled in blocks
+    of buffer_size records; epochs=None never stops. images_only: skip text-only samples (the decoder stage; with
+    tokenizer None, samples carry no tokens). `stats` counts records read, samples used, and skips by reason."""
 
     def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
                  epochs=None, image_tokens=IMAGE_TOKENS, images_only=False):
@@ -341,11 +335,8 @@ def collate(samples, preprocess, image_size=224):
     if tuple(pixels.shape) != (len(images), 3, image_size, image_size):
         raise ValueError(f"preprocess gave {tuple(pixels.shape)} for {len(images)} images, expected "
                          f"({len(images)}, 3, {image_size}, {image_size})")
-    if len(images) < len(samples):  # zeros where there is no image (official text-only rows)
-        pixel_values = torch.zeros(len(samples), 3, image_size, image_size)
-        pixel_values[has_image] = pixels
-    else:
-        pixel_values = pixels
+    pixel_values = torch.zeros(len(samples), 3, image_size, image_size)  # zeros on text-only rows, as official
+    pixel_values[has_image] = pixels
     batch = dict(pixel_values=pixel_values,                            # (B, 3, S, S)
                  has_image=has_image,                                  # (B,)
                  image_is_target=torch.tensor([s.image_is_target for s in samples]))

@@ -234,9 +234,8 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """The official init (GPU_initialize_weights; the TPU variant draws the same distributions): xavier-uniform
-        Linears with zero biases, the conv as a Linear, N(0, 0.02) timestep MLP, and adaLN-Zero, i.e. every
-        adaLN output layer and the final linear are zero, so a fresh DiT outputs exactly 0."""
+        """The official init (GPU_initialize_weights): xavier-uniform Linears (and conv) with zero biases, an
+        N(0, 0.02) timestep MLP, and adaLN-Zero: every adaLN output and the final linear are zero, so v starts at 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -293,24 +292,16 @@ def flow_shift(channels, tokens=256, base_dim=4096):
     return 1 / math.sqrt(base_dim / (channels * tokens))
 
 
-def spaced_indices(total, count):
-    """`count` indices spread over range(total) with a fractional stride, rounded with Python's round() (to even)
-    on an accumulating float: the official respacing of its 1000-step grid."""
-    stride = (total - 1) / (count - 1)
-    out, pos = [], 0.0
-    for _ in range(count):
-        out.append(round(pos))
-        pos += stride
-    return out
-
-
 def official_timesteps(shift=flow_shift(1152)):
-    """(t_curr, t_next) float32, 49 entries: the official "50-step" sampler. The grid is shift(k/1000), k = 1..1000
-    (float64); of 50 respaced indices it steps down 48 times from t = 0.99760 to t = 0.00842 and then makes a
-    final step from index 48 up to index 49, i.e. from t = 0.99760 UP to t = 1.0 at the nearly clean sample. That
-    last step is an official bug, reproduced so that official weights give official images (official transport.py and respace.py)."""
+    """(t_curr, t_next) float32, 49 entries: the official "50-step" sampler (transport.py, respace.py). Of the grid
+    shift(k/1000), k = 1..1000, 50 indices are kept (stride 999/49, Python's round() on an accumulating float); it steps
+    down 48 times from t = 0.99760 to 0.00842, then from index 48 UP to index 49 (t = 1.0) at the nearly clean sample:
+    an official bug, reproduced so that official weights give official images."""
     grid = time_shift(np.linspace(1 / 1000, 1, 1000), shift)
-    used = spaced_indices(1000, 50)
+    used, pos = [], 0.0
+    for _ in range(50):
+        used.append(round(pos))
+        pos += 999 / 49
     pairs = [(used[i], used[i - 1]) for i in range(len(used) - 2, 0, -1)] + [(used[-2], used[-1])]
     t_curr = torch.tensor([grid[a] for a, _ in pairs], dtype=torch.float32)  # float64 -> float32, as torch.tensor(x)
     t_next = torch.tensor([grid[b] for _, b in pairs], dtype=torch.float32)
@@ -355,12 +346,9 @@ class DiffusionHead(nn.Module):
             raise ValueError(f"{what}: expected ({batch or 'B'}, {cfg.tokens}, {cfg.z_channels}), got {tuple(y.shape)}")
 
     def loss(self, x0, y, t=None, noise=None):
-        """Per-image rectified-flow loss (B,): mean over (C, H, W) of (v_θ(x_t, t, y) - (ε - x0))².
-
-        x0 (B, T, C) clean latents, y (B, T, Z) conditions. By default, as the official training: t = shift(sigmoid(u)),
-        u ~ N(0, 1) (logit-normal); ε drawn in bfloat16 (the official get_x_end default, so the noise values are
-        bf16-quantized) in the channel-first layout; in training mode each image's condition is replaced with
-        probability class_dropout_prob by the null condition. The draws happen in the official order (t, ε, drop).
+        """Per-image rectified-flow loss (B,): mean over (C, H, W) of (v_θ(x_t, t, y) - (ε - x0))², for clean latents
+        x0 (B, T, C) and conditions y (B, T, Z). Drawn as the official training does, in its order: t = shift(sigmoid(u)),
+        u ~ N(0, 1); ε in bfloat16 (get_x_end's default); in training mode, the null condition with p = class_dropout_prob.
         """
         cfg = self.config
         B = x0.shape[0]
@@ -383,13 +371,10 @@ class DiffusionHead(nn.Module):
     def sample(self, y, noise, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None):
         """Integrate dx/dt = v from the noise (t ≈ 1) to data. y (B, T, Z), noise (B, C, n, n) -> latents (B, T, C) fp32.
 
-        steps=None: the official 49-evaluation schedule (the default, for official images); an int N: plain Euler,
-        N steps from t = 1 to t = 0 on the same shifted grid. cfg_scale s > 1: real classifier-free guidance,
-        v = v_u + s·(v_c - v_u) with the learned null condition, conditional and unconditional in one batch of 2B
-        (the official CLI's guidance is a no-op: diffloss.py infer); s = 1 runs no unconditional pass.
-        cfg_interval (lo, hi): guide only the steps with lo <= t <= hi, the others are conditional-only and batch B.
-        progress: called with no argument after each evaluation (e.g. a progress bar's update); nothing in the
-        loop reads a device value, so the host never waits for the device.
+        steps: None, the official 49-evaluation schedule; N, plain Euler from t = 1 to 0 on the same shifted grid.
+        cfg_scale s > 1: real classifier-free guidance v = v_u + s·(v_c - v_u) with the learned null condition, in one
+        batch of 2B (the official CLI's guidance is a no-op: diffloss.py infer), only where lo <= t <= hi for
+        cfg_interval (lo, hi). progress() is called after each evaluation; the loop never reads a device value.
         """
         cfg = self.config
         B = noise.shape[0]

@@ -172,11 +172,8 @@ class Qwen2Model(nn.Module):
 
 
 def attention_mask(valid, start, T):
-    """Boolean SDPA mask (B, 1, T, start+T) for T new queries at positions start.. over all keys so far.
-
-    `valid` (B, S) marks real (non-padding) key positions; a query sees a key iff it is real and not in the future.
-    Rows that see nothing (a padding query) get their own position unmasked, so softmax never divides by zero.
-    """
+    """Boolean SDPA mask (B, 1, T, start+T): T new queries at columns start.. see the real (`valid` (B, S)), non-future
+    keys, and always themselves, so a padding query's softmax never divides by zero."""
     S = start + T
     q_pos = torch.arange(start, S, device=valid.device)[:, None]
     k_pos = torch.arange(S, device=valid.device)[None, :]
@@ -198,8 +195,7 @@ class Qwen2ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """transformers' Qwen2 initialization (for training from scratch): N(0, initializer_range) weights, zero
-        biases."""
+        """transformers' Qwen2 init, for training from scratch: N(0, initializer_range) weights, zero biases."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, self.config.initializer_range)
@@ -208,9 +204,8 @@ class Qwen2ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def resize_token_embeddings(self, n, new_tokens=2):
-        """Resize the vocabulary to n rows (Qwen2.5 checkpoints pad theirs to 151936) and set the last `new_tokens`
-        rows to the mean of the rows before them, as the official initialize_vision_tokenizer does for <im_start>
-        and <im_end> at the start of stage 1. The untied lm_head gets the same treatment."""
+        """n vocabulary rows (Qwen2.5 pads to 151936), the last `new_tokens` (<im_start>, <im_end>) set to the mean of
+        the others, in both embeddings and an untied lm_head: the official initialize_vision_tokenizer of stage 1."""
         def resized(weight):
             out = weight.new_zeros(n, weight.shape[1])
             keep = min(n, weight.shape[0])
@@ -379,13 +374,11 @@ class ScaleRAE(Qwen2ForCausalLM):
 
     def training_loss(self, input_ids, labels, image_features, image_is_target, vision_coef=2.0, timesteps_per_image=1,
                       static_shapes=True):
-        """(loss, ce, diff): token-mean cross-entropy over labelled tokens + vision_coef x the mean rectified-flow
-        loss of the answer images. The condition of answer image token n is the post-norm hidden state AT query n
-        (no shift); the last query also predicts <im_end> through the LM head (official query mode).
-        timesteps_per_image K > 1 is the official K-tiling (diffusion_timesteps_per_sample): each image is noised at K
-        timesteps and its loss is their mean, K DiT passes for one LLM pass (the released runs use K = 1).
-        static_shapes: the DiT runs on every row and a mask keeps only the answer images, as the official code does
-        (XLA compiles one graph); False runs it on the answer images alone (eager PyTorch: no work thrown away)."""
+        """(loss, ce, diff): token-mean CE over labelled tokens + vision_coef x the mean rectified-flow loss of the
+        answer images, whose token n is conditioned on the post-norm state AT query n (no shift; the last query also
+        predicts <im_end>: official query mode). timesteps_per_image K: the official K-tiling, K DiT passes per LLM
+        pass. static_shapes: the DiT runs on every row and a mask keeps the answer images, as official (one XLA
+        graph); False runs it on the answer images alone (eager PyTorch: no work thrown away)."""
         h = self(inputs_embeds=self.embed(input_ids, image_features, image_is_target))  # (B, L, H)
         logits = self.logits(h[:, :-1])  # (B, L-1, V) float32
         targets = labels[:, 1:]
@@ -508,12 +501,9 @@ def checkpoint_encoder(folder, config):
 
 
 def load_pipeline(path, decoder=None, dtype=None, device=None):
-    """(model, tokenizer, rae) of a Scale-RAE checkpoint, a Hub id or a local folder; "toy" is the shipped toy model
-    (TOY_MODEL), from any working directory. Defaults: cuda if available, bfloat16 there, float32 on the CPU.
-
-    The RAE decoder defaults to the one released for the model's encoder (rae.DECODER_FOR_ENCODER). A checkpoint may
-    ship its own parts, as the toy model does: an encoder path relative to its folder, and a `decoder/` subfolder.
-    The encoder is loaded only when an image is read. Every failure is a WeightsError with a one-line message."""
+    """(model, tokenizer, rae) of a Scale-RAE checkpoint (Hub id, folder, or "toy": the shipped TOY_MODEL); cuda and
+    bfloat16 when there is a GPU, else cpu and float32. The decoder defaults to the checkpoint's `decoder/` or the one
+    released for its encoder; the encoder loads only when an image is read. Failures are one-line WeightsErrors."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # "bfloat16", as the scripts' --dtype says
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
