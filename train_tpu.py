@@ -14,6 +14,7 @@ run restores the optimizer state, the data position and the RNG. Outputs in --ou
 
 import argparse
 import gc
+import hashlib
 import json
 import math
 import os
@@ -27,14 +28,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data import SampleStream, batches, open_source
 from dit import DIT_PRESETS, dit_flops
 from encoders import denormalize, load_encoder, num_tokens, read_encoder_config
-from model import QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig, checkpoint_encoder
+from model import QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig, at_least, checkpoint_encoder
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
-from weights import from_dict, read_config, resolve, write_atomic
+from weights import WeightsError, read_config, resolve, write_atomic
 
 # ----------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -62,27 +64,27 @@ parser.add_argument("--data", required=True, help="a JSONL file or a wds_manifes
 parser.add_argument("--image-folder", help="root of relative image paths in a JSONL (default: its folder)")
 parser.add_argument("--out", required=True, help="run folder; an existing run is only continued with --resume")
 parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
-parser.add_argument("--steps", type=int, required=True, help="optimizer steps (the schedule's length)")
-parser.add_argument("--batch-size", type=int, help="global batch (default 128 per host, as the official runs)")
-parser.add_argument("--seq-len", type=int, help="fixed sequence length L (default 512 stage 1, 1024 stage 2)")
-parser.add_argument("--lr", type=float, help="LLM/decoder learning rate (default: the stage's official value)")
-parser.add_argument("--diff-head-lr-scale", type=float, default=10.0, help="diff_head lr = this x --lr")
-parser.add_argument("--warmup-ratio", type=float, help="linear warmup over ceil(ratio x steps) steps")
-parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="the cosine ends at this fraction of the lr")
-parser.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping")
-parser.add_argument("--vision-coef", type=float, default=2.0, help="loss = CE + vision_coef x diffusion loss")
-parser.add_argument("--diffusion-timesteps-per-sample", type=int, default=1, help="stages 1 and 2: K timesteps per "
+parser.add_argument("--steps", type=at_least(1), required=True, help="optimizer steps (the schedule's length)")
+parser.add_argument("--batch-size", type=at_least(1), help="global batch (default 128 per host, as the official runs)")
+parser.add_argument("--seq-len", type=at_least(2), help="fixed sequence length L (default 512 stage 1, 1024 stage 2)")
+parser.add_argument("--lr", type=at_least(0, float), help="LLM/decoder learning rate (default: the stage's official value)")
+parser.add_argument("--diff-head-lr-scale", type=at_least(0, float), default=10.0, help="diff_head lr = this x --lr")
+parser.add_argument("--warmup-ratio", type=at_least(0, float, hi=1), help="linear warmup over ceil(ratio x steps) steps")
+parser.add_argument("--min-lr-ratio", type=at_least(0, float, hi=1), default=0.0, help="the cosine ends at this fraction of the lr")
+parser.add_argument("--clip", type=at_least(0, float), default=1.0, help="global gradient-norm clipping")
+parser.add_argument("--vision-coef", type=at_least(0, float), default=2.0, help="loss = CE + vision_coef x diffusion loss")
+parser.add_argument("--diffusion-timesteps-per-sample", type=at_least(1), default=1, help="stages 1 and 2: K timesteps per "
                     "image (official K-tiling: K DiT passes per LLM pass; the released runs use 1)")
-parser.add_argument("--noise-tau", type=float, default=0.8, help="decoder: latent noise sigma ~ U(0, tau) (RAE)")
+parser.add_argument("--noise-tau", type=at_least(0, float), default=0.8, help="decoder: latent noise sigma ~ U(0, tau) (RAE)")
 parser.add_argument("--no-grad-ckpt", action="store_true", help="keep activations, do not recompute (faster on a CPU)")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--log-every", type=int)
-parser.add_argument("--save-every", type=int, default=1000)
-parser.add_argument("--keep", type=int, default=5, help="checkpoints kept (the official max_to_keep)")
-parser.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one chip, for the MFU in the logs")
+parser.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=0)
+parser.add_argument("--log-every", type=at_least(1))
+parser.add_argument("--save-every", type=at_least(1), default=1000)
+parser.add_argument("--keep", type=at_least(1), default=5, help="checkpoints kept (the official max_to_keep)")
+parser.add_argument("--peak-tflops", type=at_least(0, float), help="peak TFLOP/s of one chip, for the MFU in the logs")
 parser.add_argument("--backend", choices=["auto", "xla", "torch"], default="auto",
                     help="auto: torch_xla SPMD when PJRT_DEVICE is set, else plain PyTorch")
-parser.add_argument("--data-parallel", type=int, default=1, help="size of the mesh's `data` axis (fsdp = the rest)")
+parser.add_argument("--data-parallel", type=at_least(1), default=1, help="size of the mesh's `data` axis (fsdp = the rest)")
 args = parser.parse_args()
 
 toy = args.preset == "toy"
@@ -95,8 +97,6 @@ if args.stage == "1" and args.init and args.llm:
 if args.stage == "1" and not args.init:
     args.llm = args.llm or ("toy" if toy else None)
     args.init = None if args.llm else "Qwen/Qwen2.5-1.5B-Instruct"
-if args.diffusion_timesteps_per_sample < 1:
-    parser.error(f"--diffusion-timesteps-per-sample must be >= 1, got {args.diffusion_timesteps_per_sample}")
 if args.stage == "2" and args.init is None:
     parser.error("--stage 2 starts from a stage-1 export: pass --init")
 if args.stage != "2" and args.encoder is None:
@@ -104,20 +104,34 @@ if args.stage != "2" and args.encoder is None:
         parser.error("--preset toy needs the toy --encoder folder (toy.py writes one)")
     args.encoder = "google/siglip2-so400m-patch14-224"
 encoder_path = args.encoder
-if args.stage == "2":  # the encoder must give the latents the model was trained on: checked on the config files
-    init_folder = resolve(args.init, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    init_config = ScaleRAEConfig.from_official(read_config(init_folder))
-    encoder_path = encoder_path or checkpoint_encoder(init_folder, init_config)  # default: stage 1's
+try:  # every input is read (configs, the first data record) before anything is written
+    if args.stage == "2":
+        init_folder = resolve(args.init, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+        init_config = ScaleRAEConfig.from_official(read_config(init_folder))
+        encoder_path = encoder_path or checkpoint_encoder(init_folder, init_config)  # default: stage 1's
+    if args.stage == "1" and args.init:
+        llm_config = QwenConfig.from_official(read_config(resolve(args.init, allow_patterns=["*.json"])))
     _, enc, _ = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
-    latents = (num_tokens(enc), enc.hidden_size)
-    if latents != (init_config.image_tokens, init_config.mm_hidden_size):
-        parser.error(f"the encoder {encoder_path} gives {latents[0]} tokens of {latents[1]} channels; the model in "
-                     f"{args.init} was trained on {init_config.image_tokens} of {init_config.mm_hidden_size}")
+    source = open_source(args.data, args.image_folder)
+    first = next(source.read(0), None) if source.num_shards else dict(error="no records")
+except (WeightsError, OSError, ValueError) as e:
+    parser.error(str(e))
+if first is None or "error" in first:
+    parser.error(f"--data {args.data}: its first record cannot be read ({(first or {}).get('error', 'empty shard')})")
+if args.stage == "2" and (num_tokens(enc), enc.hidden_size) != (init_config.image_tokens, init_config.mm_hidden_size):
+    parser.error(f"the encoder {encoder_path} gives {num_tokens(enc)} tokens of {enc.hidden_size} channels; the model "
+                 f"in {args.init} was trained on {init_config.image_tokens} of {init_config.mm_hidden_size}")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Setup: backend, devices, mesh, run folder
 
 USE_XLA = args.backend == "xla" or (args.backend == "auto" and "PJRT_DEVICE" in os.environ)
+args.backend = "xla" if USE_XLA else "torch"  # saved resolved: a checkpoint of one backend does not load in the other
+saved = Path(args.out) / "args.json"
+saved_backend = json.loads(saved.read_text()).get("backend") if args.resume and saved.is_file() else None
+if saved_backend not in (None, args.backend):
+    parser.error(f"the run in {args.out} was trained with --backend {saved_backend}; resume it with that backend "
+                 f"(its checkpoints hold that backend's optimizer state and RNG)")
 if USE_XLA:
     import torch_xla
     import torch_xla.core.xla_model as xm
@@ -184,7 +198,7 @@ if rank == 0:
         write_atomic(out / "args.json", json.dumps(vars(args), indent=1).encode())
 barrier()
 saved_args = json.loads((out / "args.json").read_text())
-free = ("out", "resume", "log_every", "save_every", "keep", "peak_tflops", "backend", "data_parallel")
+free = ("out", "resume", "log_every", "save_every", "keep", "peak_tflops", "data_parallel")
 changed = {k: (saved_args.get(k), v) for k, v in vars(args).items() if k not in free and saved_args.get(k) != v}
 if changed:
     raise SystemExit(f"the run in {out} was started with other arguments (saved, now): {changed}. Resume it with "
@@ -207,9 +221,7 @@ encoder = load_encoder(encoder_path)  # frozen: eval mode, requires_grad False; 
 
 if args.stage == "1":
     tokenizer = Tokenizer.from_dir(args.tokenizer or args.init, add_image_markers=True)
-    if args.init:
-        llm_config = from_dict(QwenConfig, read_config(resolve(args.init, allow_patterns=["*.json"])))
-    else:  # a toy LLM from scratch: its vocabulary is the tokenizer's
+    if not args.init:  # a toy LLM from scratch: its vocabulary is the tokenizer's
         llm_config = replace(QWEN_PRESETS[args.llm], vocab_size=len(tokenizer))
     # The DiT generates the encoder's tokens: its grid and channels are the encoder's (16 x 16 x 1152 for SigLIP-2).
     dit = replace(DIT_PRESETS[args.dit], in_channels=encoder.hidden_size, input_size=math.isqrt(encoder.num_tokens))
@@ -331,7 +343,7 @@ def train_step(batch):
 # ----------------------------------------------------------------------------------------------------------------
 # Data: this host's shard of the stream, fixed-shape batches
 
-stream = SampleStream(open_source(args.data, args.image_folder), tokenizer, args.seq_len, rank=rank, world=world,
+stream = SampleStream(source, tokenizer, args.seq_len, rank=rank, world=world,
                       seed=args.seed, images_only=args.stage == "decoder", image_tokens=encoder.num_tokens)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,15 +364,15 @@ def save_checkpoint(step):
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), planner=SPMDSavePlanner() if USE_XLA else None)
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
                xla=xm.get_rng_state() if USE_XLA else None)  # the steps' draws: timesteps, noise, CFG dropout
-    torch.save(dict(step=step, data=stream.state_dict(), rng=rng), tmp / f"host{rank}.pt")
+    torch.save(dict(step=step, data=stream.state_dict(), rng=rng), tmp / f"host{rank}.pt")  # tensors and plain types
     # state_dict() tensors alias the parameters, and torch.distributed.checkpoint leaves reference cycles around
     # them; while an alias lives, XLA must also output it after each in-place update: another graph.
     del state
     gc.collect()
     barrier()
     if rank == 0:  # a folder without a manifest, or with a file of another size, is not a checkpoint
-        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(json.dumps(dict(step=step, files=sizes)))
+        files = {f.name: (f.stat().st_size, sha256(f)) for f in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps(dict(step=step, files=files)))
         shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
         tmp.rename(final)
         for old in checkpoints()[:-args.keep]:
@@ -368,17 +380,25 @@ def save_checkpoint(step):
     barrier()
 
 
+def sha256(path):  # ~0.8 s per GB
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def check_checkpoint(path):
-    """None if the folder is a complete checkpoint, else what is wrong with it."""
+    """None if the folder is a complete checkpoint whose every file has the size and checksum of its manifest, else
+    what is wrong with it."""
     try:
         files = json.loads((path / "manifest.json").read_text())["files"]
+        for name, (size, digest) in files.items():
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if (path / name).stat().st_size != size:
+                return f"{name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
+            if sha256(path / name) != digest:
+                return f"{name} does not match its checksum (corrupted)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"no readable manifest ({type(e).__name__}: {e})"
-    for name, size in files.items():
-        if not (path / name).is_file():
-            return f"{name} is missing"
-        if (path / name).stat().st_size != size:
-            return f"{name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
 
 
 def load_checkpoint(path):
@@ -388,7 +408,7 @@ def load_checkpoint(path):
     optimizer.load_state_dict(state["optimizer"])
     del state
     gc.collect()  # as after a save
-    host = torch.load(path / f"host{rank}.pt", weights_only=False)
+    host = torch.load(path / f"host{rank}.pt", weights_only=True)  # nothing read from disk may run code
     stream.load_state_dict(host["data"])
     sync()  # the restored tensors become device buffers before the first step is traced
     torch.set_rng_state(host["rng"]["torch"])  # the RNG last: every XLA sync advances the device RNG
@@ -410,12 +430,13 @@ for path in reversed(checkpoints()):
             start = load_checkpoint(path)
             log(f"resumed from {path} at step {start}")
             break
-        except Exception as e:  # e.g. a corrupt shard that still has the right size
-            problem = f"{type(e).__name__}: {e}"
+        except (Exception, CheckpointException) as e:  # a BaseException, CheckpointException included
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     log(f"skipping checkpoint {path}: {problem}")
 else:
     if checkpoints():
-        raise SystemExit(f"no intact checkpoint in {out}; move the broken ones away to start over")
+        raise SystemExit(f"no intact checkpoint in {out} (why: above); to start over from step 0, move the "
+                         f"ckpt-* folders out of it and --resume again")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop

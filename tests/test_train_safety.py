@@ -1,0 +1,105 @@
+"""train_tpu.py refuses nonsense before it writes anything, never runs code from a checkpoint, detects corrupted
+checkpoints and falls back to an intact one, and recovers from a killed export. Flag checks run the script
+in-process (they end before any work); the checkpoint test trains 4 tiny steps and resumes once, in subprocesses."""
+
+import hashlib
+import json
+import os
+import pickle
+import runpy
+import sys
+
+import pytest
+
+import dit
+import model
+import rae
+from test_train import ROOT, assets, command, losses, train  # noqa: F401  (assets is a fixture)
+
+
+def run_in_process(monkeypatch, argv):
+    """train_tpu.py as `python train_tpu.py argv` in this process, with the tiny presets of test_train.py."""
+    monkeypatch.setitem(model.QWEN_PRESETS, "tiny", model.QwenConfig(
+        vocab_size=350, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, rope_theta=10000.0))
+    monkeypatch.setitem(dit.DIT_PRESETS, "tiny", dit.DiTConfig(hidden_size=32, depth=1, num_heads=2, in_channels=32,
+                                                               z_channels=32))
+    monkeypatch.setitem(rae.DECODER_PRESETS, "tiny", rae.DecoderConfig(32, 1, 2, 64, patch_size=2, image_size=32))
+    monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["train_tpu.py", *argv])
+    runpy.run_path(str(ROOT / "train_tpu.py"), run_name="__main__")
+
+
+def args_of(assets, out, stage="1", steps=6, *extra):
+    return command(assets, out, stage, steps, "--backend", "torch", *extra)[3:]  # without python -c RUNNER
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--keep", "-1"], "--keep: must be >= 1"),
+    (["--keep", "0"], "--keep: must be >= 1"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--steps", "-5"], "--steps: must be >= 1"),
+    (["--save-every", "0"], "--save-every: must be >= 1"),
+    (["--log-every", "0"], "--log-every: must be >= 1"),
+    (["--lr", "nan"], "--lr: must be >= 0"),
+    (["--warmup-ratio", "2"], "--warmup-ratio: must be >= 0 and <= 1"),
+    (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl not found"),
+    (["--data", "{garbage}"], "its first record cannot be read"),
+    (["--llm", "", "--init", "/nonexistent/qwen"], "/nonexistent/qwen"),
+])
+def test_bad_arguments_are_refused_before_anything_is_written(assets, tmp_path, monkeypatch, capsys, extra, message):
+    if "{garbage}" in extra:
+        (tmp_path / "bad.jsonl").write_text("{not json\n")
+        extra = [str(tmp_path / "bad.jsonl") if a == "{garbage}" else a for a in extra]
+    with pytest.raises(SystemExit) as e:
+        run_in_process(monkeypatch, args_of(assets, tmp_path / "run", "1", 6, *extra))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # so the same --out still starts once the typo is fixed
+
+
+def test_checkpoints_never_run_code_and_corruption_falls_back_to_an_intact_one(assets, tmp_path, monkeypatch, capsys):
+    """4 steps with a checkpoint each, then: ckpt-4's host state becomes a same-size pickle that would run code (its
+    checksum updated, so only weights_only stops it), ckpt-3's largest tensor file gets flipped bytes (same size),
+    ckpt-2's .metadata is garbage (checksum updated: DCP raises a BaseException), a killed export left export.tmp.
+    The resume skips all three with a reason, continues from ckpt-1 and exports; nothing ran."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    old = os.umask(0o022)
+    try:
+        train(assets, out, "1", 4, "--save-every", "1", "--no-grad-ckpt")
+    finally:
+        os.umask(old)
+    assert os.stat(out / "export" / "model.safetensors").st_mode & 0o777 == 0o644  # the user's umask, not 0600
+    first = losses(out)
+
+    def resign(ckpt, name):  # what an attacker who can write the folder can do: keep the manifest consistent
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        path = ckpt / name
+        manifest["files"][name] = [path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    host = out / "ckpt-4" / "host0.pt"
+    payload = pickle.dumps(Evil())
+    host.write_bytes(payload + b" " * (host.stat().st_size - len(payload)))  # same size as the original
+    resign(out / "ckpt-4", "host0.pt")
+    largest = max((out / "ckpt-3").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    largest.write_bytes(bytes(data))
+    (out / "ckpt-2" / ".metadata").write_bytes(b"garbage")
+    resign(out / "ckpt-2", ".metadata")
+    os.rename(out / "export", out / "export.tmp")  # a killed export
+
+    p = train(assets, out, "1", 4, "--save-every", "1", "--no-grad-ckpt", "--resume")
+    assert not marker.exists()
+    assert "skipping checkpoint" in p.stdout and "ckpt-4: UnpicklingError" in p.stdout, p.stdout
+    assert "ckpt-3" in p.stdout and "does not match its checksum" in p.stdout
+    assert "ckpt-2: CheckpointException" in p.stdout and f"resumed from {out / 'ckpt-1'} at step 1" in p.stdout
+    assert (out / "export" / "model.safetensors").is_file() and not (out / "export.tmp").exists()
+    assert losses(out) == pytest.approx(first, rel=1e-5)  # the same steps again, from ckpt-1
+
+    with pytest.raises(SystemExit) as e:  # another backend cannot read these checkpoints: refused before any work
+        run_in_process(monkeypatch, args_of(assets, out, "1", 4, "--resume") + ["--backend", "xla"])
+    assert e.value.code == 2 and "trained with --backend torch" in capsys.readouterr().err
