@@ -127,11 +127,7 @@ class JsonlSource:
                 if line.strip():
                     self.offsets.append(off)
                 off += len(line)
-        self._file = None
-
-    @property
-    def num_shards(self):
-        return len(self.offsets)
+        self.num_shards, self._file = len(self.offsets), None
 
     def read(self, shard, start=0):
         if start > 0:
@@ -161,10 +157,7 @@ class TarSource:
         missing = [p for p in self.tars if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} tar shard(s) of {self.manifest} not found, e.g. {missing[0]}")
-
-    @property
-    def num_shards(self):
-        return len(self.tars)
+        self.num_shards = len(self.tars)
 
     def read(self, shard, start=0):
         path = self.tars[shard]

@@ -128,9 +128,6 @@ class NullCondition(nn.Module):
     def forward(self, y, drop):  # y (B, T, Z), drop (B,) bool: the whole condition of a dropped image is replaced
         return torch.where(drop[:, None, None], self.dropout_embedding.to(y.dtype), y)
 
-    def null(self, batch, tokens):  # (B, T, Z)
-        return self.dropout_embedding[None, None, :].expand(batch, tokens, -1)
-
 
 class Rope2D(nn.Module):
     """`feat_rope`: 2-D RoPE over the whole head_dim with interleaved pairs. The tables are checkpoint entries."""
@@ -397,7 +394,8 @@ class DiffusionHead(nn.Module):
         dt = t_next - t_curr                                      # float32 on the device, as the official code
         x = noise.float()
         if guided:
-            y2 = torch.cat([y, self.model.y_embedder.null(B, cfg.tokens).to(y.dtype)])  # (2B, T, Z): cond, then null
+            null = self.model.y_embedder.dropout_embedding.to(y.dtype).expand(B, cfg.tokens, -1)
+            y2 = torch.cat([y, null])  # (2B, T, Z): cond, then the null condition
         for i in range(len(guide)):
             if guide[i]:
                 v_c, v_u = self.model(torch.cat([x, x]), t_curr[i].expand(2 * B), y2).float().chunk(2)

@@ -198,12 +198,10 @@ class Encoder(nn.Module):
     def __init__(self, cfg, processing: ImageProcessing):
         super().__init__()
         self.config, self.processing = cfg, processing
+        self.preprocess = processing  # list of PIL images -> (B, 3, image_size, image_size) float32
         self.hidden_size, self.image_size = cfg.hidden_size, cfg.image_size
         self.image_mean, self.image_std = processing.image_mean, processing.image_std
         self.num_tokens = num_tokens(cfg)
-
-    def preprocess(self, images):  # list of PIL images -> (B, 3, image_size, image_size) float32
-        return self.processing(images)
 
     def check(self, pixels):
         if pixels.ndim != 4 or pixels.shape[1:] != (3, self.image_size, self.image_size):

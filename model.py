@@ -540,8 +540,7 @@ def available_device(name):
         d = torch.device(name)
     except RuntimeError as e:
         raise argparse.ArgumentTypeError(str(e).splitlines()[0]) from None
-    present = {"cpu": True, "cuda": torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count(),
-               "mps": torch.backends.mps.is_available()}
-    if not present.get(d.type, False):
-        raise argparse.ArgumentTypeError(f"{name}: no such device here")
-    return name
+    if d.type == "cpu" or d.type == "cuda" and (d.index or 0) < torch.cuda.device_count() or \
+            d.type == "mps" and torch.backends.mps.is_available():
+        return name
+    raise argparse.ArgumentTypeError(f"{name}: no such device here")

@@ -1,15 +1,11 @@
 """Training Scale-RAE (arXiv 2601.16208): stage 1, stage 2 and the RAE pixel decoder, in one flat SPMD script.
 
-Reads top to bottom: arguments, setup, model, data, checkpoints, the training loop, the export. The method and its
-defaults are the official trainer's (ZitengWangNYU/Scale-RAE scale_rae/train/). Stage 1 starts from Qwen2.5-Instruct
-(+ <im_start>/<im_end>, mean-initialized) with fresh latent queries, projectors and DiT: loss = CE + 2.0 x diffusion
-loss. Stage 2 continues from a stage-1 export. The decoder stage trains RAE's pixel decoder on frozen encoder latents
-with L1 + MSE and RAE's latent noise (sigma ~ U(0, tau)); RAE's LPIPS, GAN loss and EMA are left out.
-Backends, one loop: torch_xla SPMD when PJRT_DEVICE is set (one process per host; mesh (data, fsdp); parameters sharded
-on their largest divisible dimension, as FSDPv2; one XLA graph per step; logs in step closures, so the host waits for
-the device only to log or save), else plain PyTorch on one CUDA device or the CPU. Unlike the official code, a resumed
-run restores the optimizer state, the data position and the RNG. Outputs in --out: args.json, log.jsonl, ckpt-<step>/
-(torch.distributed.checkpoint, host<r>.pt, manifest.json written last) and export/, the format sample.py loads.
+Reads top to bottom: arguments, setup, model, data, checkpoints, the loop, the export; defaults are the official
+trainer's (scale_rae/train/). Stage 1: Qwen2.5-Instruct (+ mean-initialized <im_start>/<im_end>) with fresh latent
+queries, projectors and DiT, loss = CE + 2.0 x diffusion loss; stage 2 continues from its export; the decoder stage
+trains RAE's pixel decoder on frozen latents (L1 + MSE, latent noise; no LPIPS, GAN or EMA). torch_xla SPMD when
+PJRT_DEVICE is set (mesh (data, fsdp), FSDPv2-style sharding, one graph per step, logs in step closures), else plain
+PyTorch on one device. Unlike the official code, a resume restores the optimizer state, the data position and the RNG.
 """
 
 import argparse
@@ -386,8 +382,7 @@ def sha256(path):  # ~0.8 s per GB
 
 
 def check_checkpoint(path):
-    """None if the folder is a complete checkpoint whose every file has the size and checksum of its manifest, else
-    what is wrong with it."""
+    """None if every file has the size and checksum of the manifest, else what is wrong with the checkpoint."""
     try:
         files = json.loads((path / "manifest.json").read_text())["files"]
         for name, (size, digest) in files.items():

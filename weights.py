@@ -129,9 +129,7 @@ def check_writable(folder):
     folder = Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file")
-        tempfile.TemporaryFile(dir=existing).close()
+        tempfile.TemporaryFile(dir=existing).close()  # NotADirectoryError when `existing` is a file
     except OSError as e:
         raise ValueError(f"cannot write in {folder}: {e}") from None
 

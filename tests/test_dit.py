@@ -472,7 +472,7 @@ def test_loss_formula_draws_and_condition_dropout():
     h1 = load_head(random_state(cfg), tiny(class_dropout_prob=1.0)).train()
     fixed_t, fixed_eps = torch.full((B,), 0.5), torch.randn(B, cfg.in_channels, 4, 4)
     dropped = h1.loss(x0, y, t=fixed_t, noise=fixed_eps)
-    null = h1.model.y_embedder.null(B, cfg.tokens)
+    null = h1.model.y_embedder.dropout_embedding.expand(B, cfg.tokens, -1)
     assert torch.equal(dropped, h1.eval().loss(x0, null, t=fixed_t, noise=fixed_eps))
     assert not torch.equal(dropped, h1.loss(x0, y, t=fixed_t, noise=fixed_eps))
 

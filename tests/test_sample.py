@@ -187,7 +187,7 @@ def png_header(width, height):
     ("nan.safetensors", None, "finite numbers"),
     ("prompts.jsonl", b'{"prompt": "a cat"}\n{"prompt": 5}\n', "line 2: the prompt must be a string"),
     ("bad.jsonl", b'{"prompt": "a cat"}\n\n{"prompt": \n', "line 3: not a JSON object"),
-    ("file", b"", "is a file"),
+    ("file", b"", "Not a directory"),
 ])
 def test_bad_files_fail_fast_with_a_clear_message(tmp_path, name, content, message, capsys, monkeypatch):
     monkeypatch.setattr(sample, "load_pipeline", None)
