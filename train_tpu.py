@@ -95,6 +95,8 @@ if args.stage == "1" and not args.init:
     args.init = None if args.llm else "Qwen/Qwen2.5-1.5B-Instruct"
 if args.stage == "2" and args.init is None:
     parser.error("--stage 2 starts from a stage-1 export: pass --init")
+if args.stage == "1" and args.llm and not args.tokenizer:
+    parser.error("--llm trains a new LLM: pass the --tokenizer it uses")
 if args.stage != "2" and args.encoder is None:
     if toy:
         parser.error("--preset toy needs the toy --encoder folder (toy.py writes one)")
@@ -108,6 +110,8 @@ try:  # every input is read (configs, the first data record) before anything is 
     if args.stage == "1" and args.init:
         llm_config = QwenConfig.from_official(read_config(resolve(args.init, allow_patterns=["*.json"])))
     _, enc, _ = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
+    tokenizer = None if args.stage == "decoder" else Tokenizer.from_dir(  # the decoder stage reads only images
+        resolve(args.tokenizer or args.init, allow_patterns=["*.json", "*.txt"]), add_image_markers=args.stage == "1")
     source = open_source(args.data, args.image_folder)
     first = next(source.read(0), None) if source.num_shards else dict(error="no records")
 except (WeightsError, OSError, ValueError) as e:
@@ -212,11 +216,9 @@ if USE_XLA:
 
 if args.stage == "2":
     model = ScaleRAE.from_pretrained(init_folder)
-    tokenizer = Tokenizer.from_dir(args.tokenizer or init_folder)
 encoder = load_encoder(encoder_path)  # frozen: eval mode, requires_grad False; replicated over the devices
 
 if args.stage == "1":
-    tokenizer = Tokenizer.from_dir(args.tokenizer or args.init, add_image_markers=True)
     if not args.init:  # a toy LLM from scratch: its vocabulary is the tokenizer's
         llm_config = replace(QWEN_PRESETS[args.llm], vocab_size=len(tokenizer))
     # The DiT generates the encoder's tokens: its grid and channels are the encoder's (16 x 16 x 1152 for SigLIP-2).
@@ -232,7 +234,6 @@ if args.stage == "1":
 
 if args.stage == "decoder":
     model = RAEDecoder(DECODER_PRESETS[args.decoder], encoder.hidden_size, encoder.image_mean, encoder.image_std)
-    tokenizer = None  # the stream reads only the images
     out_size = model.config.image_size
 
     def compute_loss(batch):

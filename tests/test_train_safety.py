@@ -46,6 +46,7 @@ def args_of(assets, out, stage="1", steps=6, *extra):
     (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl not found"),
     (["--data", "{garbage}"], "its first record cannot be read"),
     (["--llm", "", "--init", "/nonexistent/qwen"], "/nonexistent/qwen"),
+    (["--tokenizer", "/nonexistent/tokenizer"], "/nonexistent/tokenizer"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(assets, tmp_path, monkeypatch, capsys, extra, message):
     if "{garbage}" in extra:
