@@ -20,11 +20,14 @@ Same code paths as the real model, only sizes differ (the `toy` presets of model
   6. stage 2    train_tpu.py --stage 2: finetuning from the stage-1 export on a generation-only set
   7. evaluate   evaluate.py: attribute accuracy of generated images on held-out prompts, understanding accuracy
 Each train_tpu.py stage also runs through torch_xla's CPU runtime: pass --xla (slower on 2 cores).
+Tests run a budgeted recipe: --size tiny (a smaller LLM, DiT and decoder, defined here) and --in-process (the stages
+and the evaluation in this interpreter, as runpy and evaluate.main, instead of one interpreter each).
 """
 
 import argparse
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -33,12 +36,21 @@ from pathlib import Path
 
 import torch
 
+import dit
+import model
+import rae
 from data import encode_conversation
 from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder
 from shapes import TOY_HOLDOUT, write_shapes_dataset
 from tokenizer import chat_prompt, train_tokenizer
 
 ROOT = Path(__file__).parent
+# --size tiny: the toy presets' shapes at a fraction of their width and depth (same encoder, so the same latents)
+TINY = dict(llm=model.QwenConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, rope_theta=10000.0,
+                                 initializer_range=64 ** -0.5),
+            dit=dit.DiTConfig(hidden_size=64, depth=2, num_heads=2, in_channels=96, z_channels=64, input_size=8),
+            decoder=rae.DecoderConfig(64, 1, 2, 128, patch_size=8, image_size=64))
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--out", required=True, help="run folder (created; an existing one is refused)")
@@ -66,7 +78,18 @@ parser.add_argument("--stage2-lr", type=float, help="default: --lr / 2")
 parser.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts (and questions) to evaluate")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--xla", action="store_true", help="train through torch_xla's CPU runtime (8 virtual devices)")
+parser.add_argument("--size", choices=["toy", "tiny"], default="toy", help="toy: the repository's toy presets (the "
+                    "shipped model); tiny: a 2-layer LLM of width 64, a 2-block DiT and a 1-layer decoder (TINY, for "
+                    "tests; needs --in-process)")
+parser.add_argument("--in-process", action="store_true", help="run train_tpu.py and evaluate.py in this interpreter "
+                    "(runpy, evaluate.main) instead of a subprocess each: no start-up per stage (tests)")
+parser.add_argument("--log-every", type=int, default=50, help="training log interval in steps")
 args = parser.parse_args()
+if args.size != "toy" and not args.in_process:
+    parser.error(f"--size {args.size} needs --in-process (its presets are registered in this interpreter)")
+if args.xla and args.in_process:
+    parser.error("--xla runs each stage in its own interpreter (torch_xla reads its environment at start): drop "
+                 "--in-process")
 
 out = Path(args.out)
 if out.exists():
@@ -77,14 +100,40 @@ out.mkdir(parents=True)
 t0 = time.time()
 
 
+def run_here(script, argv):
+    """Run a script's __main__ in this interpreter, as `python script *argv` would (--in-process)."""
+    saved = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise RuntimeError(f"{script.name} failed: {e.code}") from None
+    finally:
+        sys.argv = saved
+
+
+if args.size != "toy":  # the tiny presets, under names train_tpu.py's --llm, --dit and --decoder look up
+    name = f"toy-{args.size}"
+    model.QWEN_PRESETS[name], dit.DIT_PRESETS[name] = TINY["llm"], TINY["dit"]
+    rae.DECODER_PRESETS[name] = TINY["decoder"]
+    sizes = {"1": ["--llm", name, "--dit", name], "2": [], "decoder": ["--decoder", name]}
+else:
+    sizes = {"1": [], "2": [], "decoder": []}
+
+
 def train(stage, run, batch_size, *extra):
-    """One train_tpu.py stage, in a subprocess (as a user would run it)."""
+    """One train_tpu.py stage, in a subprocess (as a user would run it), or in this interpreter (--in-process)."""
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="8") if args.xla else dict(os.environ)
-    cmd = [sys.executable, str(ROOT / "train_tpu.py"), "--preset", "toy", "--stage", stage, "--out", str(out / run),
-           "--backend", "xla" if args.xla else "torch", "--batch-size", str(batch_size), "--seed", str(args.seed),
-           "--save-every", "100000", "--no-grad-ckpt", *map(str, extra)]  # toy activations are small
+    argv = ["--preset", "toy", *sizes[stage], "--stage", stage, "--out", str(out / run),
+            "--backend", "xla" if args.xla else "torch", "--batch-size", str(batch_size), "--seed", str(args.seed),
+            "--save-every", "100000", "--no-grad-ckpt", *map(str, extra)]  # toy activations are small
+    cmd = [sys.executable, str(ROOT / "train_tpu.py"), *argv]
     print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, env=env, check=True)
+    if args.in_process:
+        run_here(ROOT / "train_tpu.py", argv)
+    else:
+        subprocess.run(cmd, env=env, check=True)
     print(f"  {stage} done at {time.time() - t0:.0f}s", flush=True)
     return out / run / "export"
 
@@ -111,19 +160,24 @@ if args.seq_len is None:  # a smaller vocabulary means longer prompts; a sample 
 print(f"data, tokenizer ({len(tokenizer)} tokens; sequence length {args.seq_len}) and encoder ready at "
       f"{time.time() - t0:.0f}s", flush=True)
 
-common = ["--encoder", str(out / "encoder"), "--seq-len", str(args.seq_len), "--log-every", "50"]
+common = ["--encoder", str(out / "encoder"), "--seq-len", str(args.seq_len), "--log-every", str(args.log_every)]
 llm_dit = ["--diff-head-lr-scale", "1", "--diffusion-timesteps-per-sample", str(args.diffusion_timesteps_per_sample)]
 # 4-6. the three training stages
 decoder = train("decoder", "decoder", 32, "--data", jsonl, "--steps", str(args.decoder_steps),
                 "--lr", str(args.decoder_lr), "--noise-tau", str(args.noise_tau), *common)
 stage1 = train("1", "stage1", args.batch_size, "--data", jsonl, "--steps", str(args.stage1_steps),
                "--lr", str(args.lr), "--tokenizer", str(out / "tokenizer"), *llm_dit, *common)
+stage2_lr = args.lr / 2 if args.stage2_lr is None else args.stage2_lr  # --stage2-lr 0 is 0 (a broken stage)
 stage2 = train("2", "stage2", args.batch_size, "--init", str(stage1), "--data", jsonl2,
-               "--steps", str(args.stage2_steps), "--lr", str(args.stage2_lr or args.lr / 2), *llm_dit, *common)
+               "--steps", str(args.stage2_steps), "--lr", str(stage2_lr), *llm_dit, *common)
 # 7. evaluate
-subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model-path", str(stage2), "--decoder-repo", str(decoder),
-                "--num-prompts", str(args.eval_prompts), "--json", str(out / "eval.json"), "--grid", str(out / "grid.png")],
-               check=True)
+evaluation = ["--model-path", str(stage2), "--decoder-repo", str(decoder), "--num-prompts", str(args.eval_prompts),
+              "--json", str(out / "eval.json"), "--grid", str(out / "grid.png")]
+if args.in_process:
+    import evaluate
+    evaluate.main(evaluation)
+else:
+    subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *evaluation], check=True)
 print(f"toy recipe done in {time.time() - t0:.0f}s", flush=True)
 
 if args.ship:
