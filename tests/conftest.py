@@ -59,6 +59,21 @@ def tiny_dino_dir(request, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def background(request, tmp_path_factory):
+    """Long runs started with the session, for the tests that wait for them: the tests run one at a time, mostly on
+    one core, and these runs use another. A test module opts in with a function start_background(tmp_path_factory,
+    selected tests), called here when one of its tests is selected; it returns a handle with stop(), which its tests
+    find under the module's name."""
+    handles, selected = {}, request.session.items
+    for module in dict.fromkeys(getattr(item, "module", None) for item in selected):
+        if hasattr(module, "start_background"):
+            handles[module.__name__] = module.start_background(tmp_path_factory, selected)
+    yield handles
+    for handle in handles.values():
+        handle.stop()
+
+
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory):
     """A Scale-RAE tokenizer folder (slow-format files) on the real Qwen2.5 vocabulary."""
