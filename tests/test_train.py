@@ -110,8 +110,11 @@ def start(assets, out, stage="1", steps=6, *extra, devices=None, nice=0):
     """Start train_tpu.py: through torch_xla SPMD on `devices` CPU devices, else plain PyTorch; `nice` lowers its
     CPU priority (a background run)."""
     cmd = command(assets, out, stage, steps, "--backend", "xla" if devices else "torch", *extra)
-    return subprocess.Popen(cmd, cwd=ROOT, env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=(lambda: os.nice(nice)) if nice else None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    if nice:  # at once, while it starts: the threads it makes later inherit it (no preexec_fn: threads run here)
+        os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
+    return proc
 
 
 def finish(proc, check=True):
@@ -372,7 +375,9 @@ def start_background(tmp_path_factory, selected):
 
 @pytest.fixture(scope="module")
 def spmd(background):
-    return background[__name__]
+    runs = background[__name__]
+    runs.add_worker()  # for the runs still queued, if this file's other tests were not selected
+    return runs
 
 
 @needs_xla
