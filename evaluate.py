@@ -28,20 +28,18 @@ from shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, S
 from weights import WeightsError, check_writable, write_atomic
 
 ATTRIBUTES = SCORED + ("size",)
-SPLITS = ("seen", "held-out")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default="toy", help="Scale-RAE checkpoint (default: the shipped toy model)")
     p.add_argument("--decoder-repo", help="RAE decoder (default: the checkpoint's decoder/ or its encoder's)")
-    p.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=0, help="seed of the prompts, the questions and the DiT noise")
+    p.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=0, help="of the prompts, questions and noise")
     p.add_argument("--num-prompts", type=at_least(1), default=100, help="generation prompts (half seen, half held-out)")
     p.add_argument("--num-questions", type=at_least(0), help="questions about real images (default: --num-prompts; "
                                                              "0: none, and the encoder is never loaded)")
     p.add_argument("--steps", type=at_least(1), help="Euler steps (default: the official 49-evaluation schedule)")
-    p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0,
-                   help="classifier-free guidance scale; 1.0 = off")
+    p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0)
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="per answer, and before an image opens")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="prompts per LLM batch and images per DiT batch")
     p.add_argument("--device", type=available_device, help="default: cuda if available, else cpu")
@@ -50,8 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write the numbers and every sample here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --grid or --json")
     args = p.parse_args(argv)
-    if args.num_questions is None:
-        args.num_questions = args.num_prompts
+    args.num_questions = args.num_prompts if args.num_questions is None else args.num_questions
     if args.grid and not args.grid.lower().endswith(".png"):
         p.error(f"--grid must name a .png file, got {args.grid}")
     for out in filter(None, (args.grid, args.json)):  # checked now, not after the whole evaluation
@@ -64,11 +61,8 @@ def parse_args(argv=None):
     return args
 
 
-# ---- the prompt and question sets ----
-
 def prompt_set(seed, n, holdout=TOY_HOLDOUT):
-    """n generation prompts {shapes, prompt, split}: odd ones ask for a held-out (color, shape) pair (in turn), even
-    ones for a seen pair; count, size and position uniform; the request phrasings in turn."""
+    """n prompts {shapes, prompt, split}: odd ones ask for a held-out (color, shape) pair, even ones a seen one."""
     rng = random.Random(f"evaluate/prompts/{seed}")
     seen = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in holdout]
     out = []
@@ -81,8 +75,7 @@ def prompt_set(seed, n, holdout=TOY_HOLDOUT):
 
 
 def question_set(seed, n, image_size, holdout=TOY_HOLDOUT):
-    """n understanding questions {shapes, image, attribute, question, answer} about rendered images of seen
-    combinations (as the training data draws them), one attribute per image in turn."""
+    """n questions {shapes, image, attribute, question, answer} about images drawn as the training data draws them."""
     rng = random.Random(f"evaluate/questions/{seed}")
     out = []
     for i in range(n):
@@ -100,11 +93,8 @@ def ask(model, tokenizer, texts, features, args):
             model.chat(tokenizer, texts, features, args.max_new_tokens, args.batch_size)]
 
 
-# ---- scoring ----
-
 def score(shapes, image):
-    """(what the analyzer reads in `image`, or None when there is no image; {image, each attribute, overall: right?})
-    against the target Shapes. No image is wrong on everything."""
+    """(what the analyzer reads in `image` or None, {image, each attribute, overall: right?}); no image is all wrong."""
     found = analyze_shapes(image) if image is not None else None
     right = dict(image=found is not None,
                  **{k: found is not None and found[k] == getattr(shapes, k) for k in ATTRIBUTES})
@@ -120,7 +110,7 @@ def accuracy(rows, keys):
 def summarize(samples, real, generated):
     """The numbers of the JSON file from the scored rows."""
     gen = {split: accuracy([r for r in samples if r["split"] == split], ("image",) + ATTRIBUTES + ("overall",))
-           for split in SPLITS}
+           for split in ("seen", "held-out")}
     gen["all"] = accuracy(samples, ("image",) + ATTRIBUTES + ("overall",))
     understanding = {}
     for name, rows in (("real", real), ("generated", generated)):
@@ -185,8 +175,6 @@ def save_grid(path, samples, columns=8, cell=160, text_lines=5):
     write_atomic(Path(path), lambda tmp: grid.save(tmp, format="PNG"))
 
 
-# ---- main ----
-
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -243,22 +231,19 @@ def main(argv=None):
           f"{time.perf_counter() - t0:.1f}s")
 
     summary = summarize(samples, real, generated)
-    header = (f"{args.model_path}: seed {args.seed}, held-out (color, shape) pairs "
-              f"{', '.join('/'.join(p) for p in TOY_HOLDOUT)}")
-    print(format_table(summary, header))
+    print(format_table(summary, f"{args.model_path}: seed {args.seed}, held-out (color, shape) pairs "
+                                f"{', '.join('/'.join(p) for p in TOY_HOLDOUT)}"))
     if args.grid:
         save_grid(args.grid, samples)
         print(f"wrote {args.grid}")
     if args.json:
         out = dict(model_path=args.model_path, decoder_repo=args.decoder_repo, seed=args.seed, steps=args.steps,
-                   guidance_level=args.guidance_level, dtype=str(dtype).split(".")[-1], holdout=TOY_HOLDOUT,
-                   **summary,
-                   samples=[dict(prompt=r["prompt"], split=r["split"],
-                                 target={k: getattr(r["shapes"], k) for k in ATTRIBUTES}, text=r["text"],
-                                 image=r["image"] is not None, found=r["found"], right=r["right"]) for r in samples],
+                   guidance_level=args.guidance_level, dtype=str(dtype).split(".")[-1], holdout=TOY_HOLDOUT, **summary,
+                   samples=[dict(prompt=r["prompt"], split=r["split"], target={k: getattr(r["shapes"], k) for k in
+                                 ATTRIBUTES}, text=r["text"], image=r["image"] is not None, found=r["found"],
+                                 right=r["right"]) for r in samples],
                    questions=[dict(source=source, question=q["question"], attribute=q["attribute"],
-                                   expected=q["answer"], analyzer=q.get("analyzer"), text=q["text"],
-                                   right=q["right"])
+                                   expected=q["answer"], analyzer=q.get("analyzer"), text=q["text"], right=q["right"])
                               for source, rows in (("real", real), ("generated", generated)) for q in rows])
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.json), lambda tmp: tmp.write_text(json.dumps(out, indent=1)))

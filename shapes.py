@@ -22,8 +22,7 @@ from weights import write_atomic
 
 
 SHAPES = ("circle", "square", "triangle")
-# Every shape color has a channel <= 60 and every background channel is >= 200, so an analyzer can tell shape
-# pixels from background ones by their darkest channel, and the colors are far apart from each other.
+# Every shape color has a channel <= 60, no background one below 200: the colors are far apart, easy to tell apart.
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
           "yellow": (235, 200, 20), "purple": (140, 50, 180), "orange": (245, 130, 20)}
 BACKGROUNDS = {"white": (250, 250, 250), "light gray": (218, 218, 218), "pale blue": (215, 228, 245),
@@ -50,7 +49,6 @@ QUESTIONS = {  # attribute -> phrasings; {is}/{noun} agree with the count
     "position": ("Where {is} the {noun}?", "In which part of the image {is} the {noun}?"),
     "size": ("{Is} the {noun} small or large?",),
 }
-GENERATION_ANSWER = "Here you go:\n<image>"  # the official data's answer (docs/Train.md)
 
 
 @dataclass(frozen=True)
@@ -76,9 +74,8 @@ def generation_prompt(s, phrasing=0):
 
 
 def generation_answer(s):
-    """'Here are two small red circles on the left:\n<image>', where the official data answers GENERATION_ANSWER: a
-    toy LLM trained from scratch (not a pretrained Qwen2.5) needs the request restated right before <im_start>, or
-    its query states hardly depend on the prompt and the DiT learns to ignore them (README, "Toy recipe")."""
+    """'Here are two small red circles on the left:\n<image>' (official data: 'Here you go:\n<image>'): a toy LLM
+    from scratch needs the request restated right before <im_start> (README, "Toy recipe")."""
     return f"Here {'is' if s.count == 1 else 'are'} {describe(s)}:\n{IMAGE_PLACEHOLDER}"
 
 
@@ -182,11 +179,8 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
     return folder / "data.jsonl"
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Analyzer: the attributes a shapes image shows, read back deterministically (no learning), for evaluation
-
-# (color, shape) pairs the toy model never sees in training (its data is written with holdout=TOY_HOLDOUT): the
-# compositional held-out set of evaluate.py. Each color and each shape still appears with other partners.
+# Analyzer: the attributes a shapes image shows, read back deterministically. TOY_HOLDOUT: the (color, shape) pairs
+# the toy never sees in training (each color and shape still appears with others), evaluate.py's held-out set.
 TOY_HOLDOUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 SCORED = ("color", "shape", "position", "count")  # what a prompt is scored on (GenEval-like); size is reported too
 
@@ -239,12 +233,8 @@ def blend(pixels, color):
 
 
 def _dilate(m):  # a boolean mask grown by one pixel (4-neighbours)
-    out = m.copy()
-    out[1:] |= m[:-1]
-    out[:-1] |= m[1:]
-    out[:, 1:] |= m[:, :-1]
-    out[:, :-1] |= m[:, 1:]
-    return out
+    p = np.pad(m, 1)
+    return m | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
 
 
 def shape_class(fill):
@@ -253,14 +243,11 @@ def shape_class(fill):
 
 
 def analyze_shapes(image):
-    """The attributes a synthetic shapes image shows: dict(color, shape, position, count, size), None where a value
-    cannot be read (no shapes: count 0). Reliable from 48 px; tolerates blur, noise and stray pixels.
-
-    Shape pixels are those nearest a shape color of the palette. color: the shape color whose blends with the
-    backgrounds fit most shape pixels best (a blurred red edge is nearer orange, but a red blend). The 4-connected
-    components of shape pixels, minus noise, are the shapes (count). Each is measured on its sub-pixel coverage by
-    that color over the component grown by a pixel: shape by fill = area / (width x height), majority vote; position:
-    the anchor nearest the mean center; size: the SIZE_FRACTION nearest the median side."""
+    """dict(color, shape, position, count, size) of a shapes image, None where unreadable (no shapes: count 0); from
+    48 px, through blur, noise and stray pixels. color: the shape color whose blends with the backgrounds best fit
+    most pixels nearest a shape color; the 4-connected components of those, minus noise, are the shapes (count);
+    each is measured on its sub-pixel coverage: shape by fill = area / (width x height), majority vote; position: the
+    anchor nearest the mean center; size: the SIZE_FRACTION nearest the median side."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     h, w = pixels.shape[:2]
     nearest = ((PALETTE ** 2).sum(-1) - 2 * pixels @ PALETTE.T).argmin(-1)  # (H, W) nearest palette entry

@@ -337,6 +337,7 @@ def train_step(batch):
     optimizer.zero_grad(set_to_none=True)
     return dict(loss=loss.detach(), **{k: v.detach() for k, v in parts.items()}, grad_norm=grad_norm)
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data: this host's shard of the stream, fixed-shape batches
 

@@ -204,7 +204,7 @@ def test_toy_tokenizer_round_trips_the_synthetic_texts_and_the_chat_template(toy
     assert len(again.encode(caption)) < len(caption) / 3  # merges learned: about a token per word
     # The training pipeline accepts it: the chat turns tokenize with labels, <image> expands to its slots.
     ids, labels, is_target = data.encode_conversation(again, [{"from": "human", "value": "Show me a red circle."},
-                                                              {"from": "gpt", "value": shapes.GENERATION_ANSWER}],
+                                                              {"from": "gpt", "value": "Here you go:\n<image>"}],
                                                       True, 400)
     assert is_target and ids.count(data.IMAGE_TOKEN) == 256 and again.image_end in ids
 

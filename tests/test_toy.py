@@ -50,13 +50,13 @@ def falls(log, window):
 
 # The budgeted recipe: tiny presets in this interpreter, 160 samples, 20 decoder steps, 50 stage-1 and 15 stage-2
 # steps of 8 samples.
-SMALL_RECIPE = ["--size", "tiny", "--in-process", "--samples", 160, "--stage2-samples", 40, "--decoder-steps", 20,
+SMALL_RECIPE = ["--size", "tiny", "--samples", 160, "--stage2-samples", 40, "--decoder-steps", 20,
                 "--stage1-steps", 50, "--stage2-steps", 15, "--batch-size", 8, "--stage2-lr", "1e-3",
                 "--eval-prompts", 10, "--log-every", 1]
 
 
 def test_small_toy_recipe_learns(tmp_path, monkeypatch):
-    """Every stage of toy.py on a test's budget (about 10 s on 2 CPU cores: --size tiny, --in-process, 160 samples;
+    """Every stage of toy.py on a test's budget (about 10 s on 2 CPU cores: --size tiny, 160 samples;
     20 decoder, 50 stage-1 and 15 stage-2 steps), then its evaluation: each training stage lowers its own loss
     clearly, and the evaluation of the trained model runs to the end. Measured (means of the first and last steps):
     decoder L1 + MSE 0.58 -> 0.11 (5 steps), stage-1 CE 4.6 -> 0.96 and diffusion 1.77 -> 0.95 (10 steps), stage-2

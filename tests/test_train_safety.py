@@ -24,7 +24,7 @@ def run_in_process(monkeypatch, argv):
         num_key_value_heads=1, rope_theta=10000.0))
     monkeypatch.setitem(dit.DIT_PRESETS, "tiny", dit.DiTConfig(hidden_size=32, depth=1, num_heads=2, in_channels=32,
                                                                z_channels=32))
-    monkeypatch.setitem(rae.DECODER_PRESETS, "tiny", rae.DecoderConfig(32, 1, 2, 64, patch_size=2, image_size=32))
+    monkeypatch.setitem(rae.DECODER_PRESETS, "tiny", rae.DecoderConfig(32, 1, 2, 64, patch_size=4, image_size=32))
     monkeypatch.delenv("PJRT_DEVICE", raising=False)
     monkeypatch.setattr(sys, "argv", ["train_tpu.py", *argv])
     runpy.run_path(str(ROOT / "train_tpu.py"), run_name="__main__")
