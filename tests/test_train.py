@@ -132,7 +132,7 @@ def refused(*args):
     """train_tpu.py in this interpreter, for a run that stops before it builds a model (no interpreter start-up):
     what a subprocess would give (return code; stdout; stderr, with the message of a SystemExit)."""
     stdout, stderr = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["train_tpu.py", *arguments(*args), "--backend", "torch"]
+    argv, sys.argv = sys.argv, ["train_tpu.py", "--backend", "torch", *arguments(*args)]  # a later flag wins
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             runpy.run_path(str(ROOT / "train_tpu.py"), run_name="__main__")

@@ -6,32 +6,10 @@ import hashlib
 import json
 import os
 import pickle
-import runpy
-import sys
 
 import pytest
 
-import dit
-import model
-import rae
-from test_train import ROOT, assets, command, losses, train  # noqa: F401  (assets is a fixture)
-
-
-def run_in_process(monkeypatch, argv):
-    """train_tpu.py as `python train_tpu.py argv` in this process, with the tiny presets of test_train.py."""
-    monkeypatch.setitem(model.QWEN_PRESETS, "tiny", model.QwenConfig(
-        vocab_size=350, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, rope_theta=10000.0))
-    monkeypatch.setitem(dit.DIT_PRESETS, "tiny", dit.DiTConfig(hidden_size=32, depth=1, num_heads=2, in_channels=32,
-                                                               z_channels=32))
-    monkeypatch.setitem(rae.DECODER_PRESETS, "tiny", rae.DecoderConfig(32, 1, 2, 64, patch_size=4, image_size=32))
-    monkeypatch.delenv("PJRT_DEVICE", raising=False)
-    monkeypatch.setattr(sys, "argv", ["train_tpu.py", *argv])
-    runpy.run_path(str(ROOT / "train_tpu.py"), run_name="__main__")
-
-
-def args_of(assets, out, stage="1", steps=6, *extra):
-    return command(assets, out, stage, steps, "--backend", "torch", *extra)[3:]  # without python -c RUNNER
+from test_train import assets, losses, refused, train  # noqa: F401  (assets is a fixture)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -48,17 +26,16 @@ def args_of(assets, out, stage="1", steps=6, *extra):
     (["--llm", "", "--init", "/nonexistent/qwen"], "/nonexistent/qwen"),
     (["--tokenizer", "/nonexistent/tokenizer"], "/nonexistent/tokenizer"),
 ])
-def test_bad_arguments_are_refused_before_anything_is_written(assets, tmp_path, monkeypatch, capsys, extra, message):
+def test_bad_arguments_are_refused_before_anything_is_written(assets, tmp_path, extra, message):
     if "{garbage}" in extra:
         (tmp_path / "bad.jsonl").write_text("{not json\n")
         extra = [str(tmp_path / "bad.jsonl") if a == "{garbage}" else a for a in extra]
-    with pytest.raises(SystemExit) as e:
-        run_in_process(monkeypatch, args_of(assets, tmp_path / "run", "1", 6, *extra))
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    run = refused(assets, tmp_path / "run", "1", 6, *extra)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
     assert not (tmp_path / "run").exists()  # so the same --out still starts once the typo is fixed
 
 
-def test_checkpoints_never_run_code_and_corruption_falls_back_to_an_intact_one(assets, tmp_path, monkeypatch, capsys):
+def test_checkpoints_never_run_code_and_corruption_falls_back_to_an_intact_one(assets, tmp_path):
     """4 steps with a checkpoint each, then: ckpt-4's host state becomes a same-size pickle that would run code (its
     checksum updated, so only weights_only stops it), ckpt-3's largest tensor file gets flipped bytes (same size),
     ckpt-2's .metadata is garbage (checksum updated: DCP raises a BaseException), a killed export left export.tmp.
@@ -101,6 +78,5 @@ def test_checkpoints_never_run_code_and_corruption_falls_back_to_an_intact_one(a
     assert (out / "export" / "model.safetensors").is_file() and not (out / "export.tmp").exists()
     assert losses(out) == pytest.approx(first, rel=1e-5)  # the same steps again, from ckpt-1
 
-    with pytest.raises(SystemExit) as e:  # another backend cannot read these checkpoints: refused before any work
-        run_in_process(monkeypatch, args_of(assets, out, "1", 4, "--resume") + ["--backend", "xla"])
-    assert e.value.code == 2 and "trained with --backend torch" in capsys.readouterr().err
+    run = refused(assets, out, "1", 4, "--resume", "--backend", "xla")  # another backend: refused before any work
+    assert run.returncode == 2 and "trained with --backend torch" in run.stderr, run.stderr
