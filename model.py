@@ -273,8 +273,8 @@ class ScaleRAEConfig(QwenConfig):
         required = ["hidden_size", "diffusion_model_hidden_size", "diffusion_model_depth", "diffusion_model_heads",
                     "diffusion_model_channels", "diffusion_model_z_channels", "mm_vision_tower_aux_list"]
         problems = [f"{k} is missing" for k in required if k not in d]
-        expected = {"model_type": "qwen2", "vision_loss": "diffusion-loss", "vision_loss_mode": "query", "mm_projector_type": "mlp2x_gelu",
-                    "dit_cls": "DiT"}
+        expected = {"model_type": "qwen2", "vision_loss": "diffusion-loss", "vision_loss_mode": "query",
+                    "mm_projector_type": "mlp2x_gelu", "dit_cls": "DiT"}
         problems += [f"{k}={d[k]!r} (supported: {v!r})" for k, v in expected.items() if d.get(k, v) != v]
         if d.get("diffusion_norm_stats_path"):
             problems.append("diffusion_norm_stats_path is set (latent normalization is not used by released models)")

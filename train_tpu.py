@@ -368,7 +368,7 @@ def save_checkpoint(step):
     del state
     gc.collect()
     barrier()
-    if rank == 0:  # a folder without a manifest, or with a file of another size, is not a checkpoint
+    if rank == 0:  # a folder without a manifest, or with a file of another size or checksum, is not a checkpoint
         files = {f.name: (f.stat().st_size, sha256(f)) for f in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps(dict(step=step, files=files)))
         shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
