@@ -44,7 +44,7 @@ DIT_PRESETS = {
 }
 
 
-# ---- fixed tables: absolute positions, RoPE, Fourier frequencies ----
+# ---- fixed tables: absolute positions, RoPE ----
 
 def sincos_pos_embed(dim, n):
     """(n*n, dim) fixed 2-D sin-cos table (MAE/DiT). Token h*n+w: the first dim/2 channels encode the column w, the
@@ -70,13 +70,6 @@ def rope_tables(head_dim, n, theta=10000.0):
     table = torch.cat([angles[:, None, :].expand(n, n, -1), angles[None, :, :].expand(n, n, -1)], -1)
     table = table.reshape(n * n, head_dim)
     return table.cos(), table.sin()
-
-
-def fourier_frequencies(n=256):
-    """The official Gaussian-Fourier frequencies: n draws of N(0, 1) from a CPU generator seeded 114514. They are
-    not in the checkpoint, so they must be regenerated exactly (the CPU normal stream is stable across torch versions)."""
-    g = torch.Generator(device="cpu").manual_seed(114514)
-    return torch.normal(0.0, 1.0, size=(n,), generator=g, device="cpu")
 
 
 # ---- leaf modules ----
@@ -105,28 +98,20 @@ class PatchEmbed(nn.Module):
 
 
 class FourierTimestepEmbedder(nn.Module):
-    """`t_embedder`: [sin(2π t W), cos(2π t W)] (sin first) with fixed W, then Linear-SiLU-Linear. t is used as is."""
+    """`t_embedder`: [sin(2π t W), cos(2π t W)] (sin first) with fixed W, then Linear-SiLU-Linear. t is used as is.
+    W, the official Gaussian-Fourier frequencies, is n draws of N(0, 1) from a CPU generator seeded 114514. It is not
+    in the checkpoint, so it must be regenerated exactly (the CPU normal stream is stable across torch versions)."""
 
     def __init__(self, z_channels, n=256):
         super().__init__()
-        self.register_buffer("W", fourier_frequencies(n), persistent=False)  # not in the checkpoint
+        g = torch.Generator(device="cpu").manual_seed(114514)
+        self.register_buffer("W", torch.normal(0.0, 1.0, size=(n,), generator=g, device="cpu"), persistent=False)
         self.mlp = nn.Sequential(nn.Linear(2 * n, z_channels), nn.SiLU(), nn.Linear(z_channels, z_channels))
 
     def forward(self, t):  # (B,) -> (B, Z)
         angles = t.float()[:, None] * self.W.float()[None, :] * 2 * torch.pi  # ((t·W)·2)·π, the official order
         features = torch.cat([angles.sin(), angles.cos()], -1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
-
-
-class NullCondition(nn.Module):
-    """`y_embedder`: the learned null condition of classifier-free guidance, one Z-vector broadcast to every token."""
-
-    def __init__(self, z_channels):
-        super().__init__()
-        self.dropout_embedding = nn.Parameter(torch.zeros(z_channels))
-
-    def forward(self, y, drop):  # y (B, T, Z), drop (B,) bool: the whole condition of a dropped image is replaced
-        return torch.where(drop[:, None, None], self.dropout_embedding.to(y.dtype), y)
 
 
 class Rope2D(nn.Module):
@@ -221,7 +206,9 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden_size)
         self.t_embedder = FourierTimestepEmbedder(cfg.z_channels)
         if cfg.class_dropout_prob > 0:  # as the official ConditionEmbedder: no null condition without dropout
-            self.y_embedder = NullCondition(cfg.z_channels)
+            # `y_embedder.dropout_embedding`: the learned null condition of CFG, one Z-vector broadcast to every token
+            self.y_embedder = nn.Module()
+            self.y_embedder.dropout_embedding = nn.Parameter(torch.zeros(cfg.z_channels))
         # A frozen Parameter (not a buffer) because that is how the checkpoint stores it.
         self.pos_embed = nn.Parameter(sincos_pos_embed(cfg.hidden_size, cfg.input_size)[None], requires_grad=False)
         self.feat_rope = Rope2D(cfg.hidden_size // cfg.num_heads, cfg.input_size)
@@ -249,19 +236,16 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y):
         """x (B, C, n, n) channel-first noisy latent, t (B,) in (0, 1], y (B, T, Z) -> velocity (B, C, n, n)."""
-        cfg = self.config
-        B = x.shape[0]
-        if x.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size) or y.shape != (B, cfg.tokens, cfg.z_channels) \
-                or t.shape != (B,):
-            raise ValueError(f"DiT expects x (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), t (B,), "
-                             f"y (B, {cfg.tokens}, {cfg.z_channels}); got {tuple(x.shape)}, {tuple(t.shape)}, {tuple(y.shape)}")
+        cfg, B, n = self.config, x.shape[0], self.config.input_size
+        if x.shape[1:] != (cfg.in_channels, n, n) or y.shape != (B, cfg.tokens, cfg.z_channels) or t.shape != (B,):
+            raise ValueError(f"DiT expects x (B, {cfg.in_channels}, {n}, {n}), t (B,), y (B, {cfg.tokens}, "
+                             f"{cfg.z_channels}); got {tuple(x.shape)}, {tuple(t.shape)}, {tuple(y.shape)}")
         dtype = self.x_embedder.proj.weight.dtype
         s = self.x_embedder(x.to(dtype)) + self.pos_embed.to(dtype)                 # (B, T, H)
         c = F.silu(self.t_embedder(t)[:, None, :] + y.to(dtype))                    # (B, T, Z): per-token condition
         for block in self.dit_blocks:
             s = block(s, c, self.feat_rope)
         out = self.final_layer(s, c)                                                # (B, T, C)
-        n = cfg.input_size
         return out.view(B, n, n, cfg.in_channels).permute(0, 3, 1, 2)               # (B, C, n, n)
 
 
@@ -316,7 +300,6 @@ def euler_timesteps(steps, shift):
 def initial_noise(seeds, channels, device, dtype=torch.float32, size=16):
     """(B, C, size, size) channel-first noise, image i drawn alone from Generator(device).manual_seed(seeds[i]), so a
     batch reproduces single-image results (one randn over the batch would not)."""
-    device = torch.device(device)
     return torch.cat([torch.randn((1, channels, size, size), generator=torch.Generator(device).manual_seed(int(s)),
                                   device=device, dtype=dtype) for s in seeds])
 
@@ -333,14 +316,12 @@ class DiffusionHead(nn.Module):
         self.model = DiT(cfg)
         self.shift = flow_shift(cfg.in_channels, cfg.tokens)
 
-    def _grid(self, x):  # (B, T, C) -> (B, C, n, n); contiguous as the official, so the loss sums in the same order
-        n = self.config.input_size
-        return x.view(x.shape[0], n, n, x.shape[2]).permute(0, 3, 1, 2).contiguous()
-
-    def _check(self, y, what, batch=None):
-        cfg = self.config
-        if y.dim() != 3 or y.shape[1:] != (cfg.tokens, cfg.z_channels) or (batch is not None and y.shape[0] != batch):
-            raise ValueError(f"{what}: expected ({batch or 'B'}, {cfg.tokens}, {cfg.z_channels}), got {tuple(y.shape)}")
+    @staticmethod
+    def _check(what, x, *shape):
+        """ValueError unless x has `shape`, where None (the batch size, still unknown) matches any size."""
+        if x.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, x.shape)):
+            sizes = ", ".join("B" if s is None else str(s) for s in shape)
+            raise ValueError(f"{what}: expected ({sizes}), got {tuple(x.shape)}")
 
     def loss(self, x0, y, t=None, noise=None):
         """Per-image rectified-flow loss (B,): mean over (C, H, W) of (v_θ(x_t, t, y) - (ε - x0))², for clean latents
@@ -349,16 +330,17 @@ class DiffusionHead(nn.Module):
         """
         cfg = self.config
         B = x0.shape[0]
-        if x0.dim() != 3 or x0.shape[1:] != (cfg.tokens, cfg.in_channels):
-            raise ValueError(f"x0: expected (B, {cfg.tokens}, {cfg.in_channels}), got {tuple(x0.shape)}")
-        self._check(y, "y", B)
-        x0 = self._grid(x0)                                                    # (B, C, n, n)
+        self._check("x0", x0, None, cfg.tokens, cfg.in_channels)
+        self._check("y", y, B, cfg.tokens, cfg.z_channels)
+        # (B, C, n, n), contiguous as the official, so that the loss sums in the same order
+        x0 = x0.view(B, cfg.input_size, cfg.input_size, cfg.in_channels).permute(0, 3, 1, 2).contiguous()
         if t is None:
             t = time_shift(torch.sigmoid(torch.randn(B, device=x0.device)), self.shift)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=torch.bfloat16)
-        if self.training and cfg.class_dropout_prob > 0:
-            y = self.model.y_embedder(y, torch.rand(B, device=y.device) < cfg.class_dropout_prob)
+        if self.training and cfg.class_dropout_prob > 0:  # a dropped image's whole condition is the null one
+            drop = torch.rand(B, device=y.device) < cfg.class_dropout_prob
+            y = torch.where(drop[:, None, None], self.model.y_embedder.dropout_embedding.to(y.dtype), y)
         tt = t.view(-1, 1, 1, 1)
         x_t = (1 - tt) * x0 + tt * noise
         v = self.model(x_t, t, y)
@@ -375,10 +357,8 @@ class DiffusionHead(nn.Module):
         """
         cfg = self.config
         B = noise.shape[0]
-        if noise.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
-            raise ValueError(f"noise: expected (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), "
-                             f"got {tuple(noise.shape)}")
-        self._check(y, "y", B)
+        self._check("noise", noise, None, cfg.in_channels, cfg.input_size, cfg.input_size)
+        self._check("y", y, B, cfg.tokens, cfg.z_channels)
         guided = cfg_scale != 1.0
         if guided and not hasattr(self.model, "y_embedder"):
             raise ValueError("cfg_scale != 1 needs the learned null condition, and this DiT was built without one "
@@ -389,8 +369,7 @@ class DiffusionHead(nn.Module):
         # Which steps are guided is decided on the host from the host copy of the grid: no device read in the loop.
         lo, hi = cfg_interval if cfg_interval is not None else (-math.inf, math.inf)
         guide = [guided and lo <= float(tc) <= hi for tc in t_curr]
-        device = noise.device
-        t_curr, t_next = t_curr.to(device), t_next.to(device)
+        t_curr, t_next = t_curr.to(noise.device), t_next.to(noise.device)
         dt = t_next - t_curr                                      # float32 on the device, as the official code
         x = noise.float()
         if guided:
