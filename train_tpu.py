@@ -34,8 +34,7 @@ from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
 from weights import WeightsError, read_config, resolve, write_atomic
 
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments
+# ---- Arguments ----
 
 STAGE_DEFAULTS = {  # the official values; the decoder's are RAE's (ViT-XL recipe)
     "1": dict(lr=5.65e-5, warmup_ratio=0.0134, seq_len=512, log_every=100),
@@ -122,8 +121,7 @@ if args.stage == "2" and (num_tokens(enc), enc.hidden_size) != (init_config.imag
     parser.error(f"the encoder {encoder_path} gives {num_tokens(enc)} tokens of {enc.hidden_size} channels; the model "
                  f"in {args.init} was trained on {init_config.image_tokens} of {init_config.mm_hidden_size}")
 
-# ----------------------------------------------------------------------------------------------------------------
-# Setup: backend, devices, mesh, run folder
+# ---- Setup: backend, devices, mesh, run folder ----
 
 USE_XLA = args.backend == "xla" or (args.backend == "auto" and "PJRT_DEVICE" in os.environ)
 args.backend = "xla" if USE_XLA else "torch"  # saved resolved: a checkpoint of one backend does not load in the other
@@ -211,8 +209,7 @@ torch.manual_seed(args.seed)  # every host builds the same initial weights (data
 if USE_XLA:
     xm.set_rng_state(args.seed)
 
-# ----------------------------------------------------------------------------------------------------------------
-# Model: what is trained, what is frozen, the loss of one batch
+# ---- Model: what is trained, what is frozen, the loss of one batch ----
 
 if args.stage == "2":
     model = ScaleRAE.from_pretrained(init_folder)
@@ -278,13 +275,12 @@ if not args.no_grad_ckpt:  # recompute each LLM layer and DiT block (decoder: ea
                   [*model.model.layers, *model.diff_head.model.dit_blocks]):
         checkpoint_module(block)
 
+model.to(device)
+encoder.to(device)
 if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/xla#3811); before the optimizer
     from torch_xla.distributed.spmd.xla_sharding import apply_xla_patch_to_nn_linear
     apply_xla_patch_to_nn_linear(model)
     apply_xla_patch_to_nn_linear(encoder)
-model.to(device)
-encoder.to(device)
-if USE_XLA:
     for p in model.parameters():
         xs.mark_sharding(p, mesh, fsdp_spec(p))
 
@@ -338,14 +334,12 @@ def train_step(batch):
     return dict(loss=loss.detach(), **{k: v.detach() for k, v in parts.items()}, grad_norm=grad_norm)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: this host's shard of the stream, fixed-shape batches
+# ---- Data: this host's shard of the stream, fixed-shape batches ----
 
 stream = SampleStream(source, tokenizer, args.seq_len, rank=rank, world=world,
                       seed=args.seed, images_only=args.stage == "decoder", image_tokens=encoder.num_tokens)
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: written into a temporary folder, renamed when complete (manifest last); the newest intact one resumes
+# ---- Checkpoints: a temporary folder, renamed when complete (manifest last); the newest intact one resumes ----
 
 
 def checkpoints():
@@ -435,8 +429,7 @@ else:
         raise SystemExit(f"no intact checkpoint in {out} (why: above); to start over from step 0, move the "
                          f"ckpt-* folders out of it and --resume again")
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training loop
+# ---- Training loop ----
 
 meter = dict(time=time.perf_counter(), step=start, halt=None)
 total_flops = flops_per_sample() * args.batch_size
@@ -491,8 +484,7 @@ for step in range(start + 1, args.steps + 1):
         save_checkpoint(step)
         log(f"saved {out / f'ckpt-{step}'}")
 
-# ----------------------------------------------------------------------------------------------------------------
-# Export: the official on-disk format (sample.py loads it)
+# ---- Export: the official on-disk format (sample.py loads it) ----
 
 model.to("cpu")  # gathers the shards; every host takes part
 if rank == 0:
