@@ -341,7 +341,6 @@ stream = SampleStream(source, tokenizer, args.seq_len, rank=rank, world=world,
 
 # ---- Checkpoints: a temporary folder, renamed when complete (manifest last); the newest intact one resumes ----
 
-
 def checkpoints():
     return sorted(out.glob("ckpt-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
 
