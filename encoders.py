@@ -7,11 +7,15 @@ official towers compute (scale_rae/model/multimodal_encoder/): for SigLIP the LA
 `post_layernorm`, then a LayerNorm without weight and bias (eps 1e-6; post_layernorm and the pooling head are neither
 run nor loaded); for DINOv2 the final LayerNorm output without the CLS (and register) tokens.
 Parameter names are transformers', so the Hub checkpoints load with no renaming. Preprocessing reproduces the slow
-transformers image processors (PIL resize on uint8, rescale in float64, normalize in float32).
+transformers image processors (PIL resize on uint8, rescale in float64, normalize in float32). As the official DINO
+tower (`...-res448-interp256`), DINOv2 runs at any resolution (its position table resized bicubically, as transformers
+4.37) and its token grid is resized bilinearly to the model's; `encode(..., official=True)` adds the official bf16
+roundings (pixels in, and SigLIP's LayerNorm or DINO's output).
 """
 
 import io
 import json
+import math
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -195,18 +199,18 @@ class MLP(nn.Module):
 class Encoder(nn.Module):
     """What both encoders share: their preprocessing and the facts the decoder and the LLM need."""
 
-    def __init__(self, cfg, processing: ImageProcessing):
+    def __init__(self, cfg, processing: ImageProcessing, tokens=None):
         super().__init__()
         self.config, self.processing = cfg, processing
         self.preprocess = processing  # list of PIL images -> (B, 3, image_size, image_size) float32
-        self.hidden_size, self.image_size = cfg.hidden_size, cfg.image_size
-        self.image_mean, self.image_std = processing.image_mean, processing.image_std
-        self.num_tokens = num_tokens(cfg)
+        self.image_size = processing.size if isinstance(processing.size, int) else processing.size[0]
+        self.hidden_size, self.image_mean, self.image_std = cfg.hidden_size, processing.image_mean, processing.image_std
+        self.num_tokens = tokens or (self.image_size // cfg.patch_size) ** 2  # what encode returns
 
-    def check(self, pixels):
+    def check(self, pixels, official=False):  # official: the pixels are rounded to bf16 before the encoder
         if pixels.ndim != 4 or pixels.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"expected pixels (B, 3, {self.image_size}, {self.image_size}), got {tuple(pixels.shape)}")
-        return pixels.to(self.dtype)
+        return (pixels.bfloat16() if official else pixels).to(self.dtype)
 
     @property
     def dtype(self):
@@ -256,8 +260,10 @@ class SigLIP2Encoder(Encoder):
 
     prefix, keep = "vision_model.", ("embeddings.", "encoder.")  # post_layernorm and head are never read
 
-    def __init__(self, cfg: SiglipVisionConfig, processing: ImageProcessing):
-        super().__init__(cfg, processing)
+    def __init__(self, cfg: SiglipVisionConfig, processing: ImageProcessing, tokens=None):
+        super().__init__(cfg, processing, tokens)
+        if self.num_tokens != num_tokens(cfg):  # the official SigLIP tower raises NotImplementedError
+            raise WeightsError(f"SigLIP gives {num_tokens(cfg)} tokens, not {self.num_tokens}: it is never resized")
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = named(layers=nn.ModuleList(SiglipLayer(cfg) for _ in range(cfg.num_hidden_layers)))
 
@@ -284,9 +290,11 @@ class SigLIP2Encoder(Encoder):
         return self
 
     @staticmethod
-    def read_config(config, folder):
+    def read_config(config, folder, image_size=None):
         cfg = from_dict(SiglipVisionConfig, config.get("vision_config", {}))  # the text tower's config is not read
         processing = ImageProcessing.from_file(folder)  # direct resize to the file's (height, width)
+        if image_size not in (None, cfg.image_size):
+            raise WeightsError(f"{folder}: SigLIP runs at its own {cfg.image_size} px only, not {image_size}")
         if processing.size != (cfg.image_size, cfg.image_size):
             raise WeightsError(f"{folder}: preprocessor size {processing.size} != the model's {cfg.image_size}")
         return cfg, processing
@@ -305,10 +313,11 @@ class SigLIP2Encoder(Encoder):
         (folder / "config.json").write_text(json.dumps(dict(architectures=["SiglipModel"], model_type="siglip",
                                                             vision_config=asdict(self.config)), indent=2))
 
-    def encode(self, pixels):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents
-        x = self.embeddings(self.check(pixels))
+    def encode(self, pixels, official=False):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents
+        x = self.embeddings(self.check(pixels, official))
         for layer in self.encoder.layers:
             x = layer(x)
+        x = x.bfloat16() if official else x  # official: the LayerNorm runs on (and returns) bf16
         return F.layer_norm(x, (x.shape[-1],), eps=1e-6)  # non-affine LN on the last layer's output (RAE space)
 
 
@@ -325,9 +334,20 @@ class Dinov2Embeddings(nn.Module):
         self.patch_embeddings = named(
             projection=nn.Conv2d(cfg.num_channels, C, cfg.patch_size, stride=cfg.patch_size))
 
+    def positions(self, grid):  # the table for grid x grid patches: transformers 4.37's bicubic resize (official pin)
+        table, side = self.position_embeddings, math.isqrt(self.position_embeddings.shape[1] - 1)
+        if grid == side:
+            return table
+        patches = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        scale = (grid + 0.1) / side  # 4.37 resizes by a scale factor, + 0.1 against rounding down
+        patches = F.interpolate(patches, scale_factor=(scale, scale), mode="bicubic", align_corners=False)
+        return torch.cat([table[:, :1], patches.to(table.dtype).permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], 1)
+
     def forward(self, pixels):  # (B, 3, H, W) -> (B, 1 + R + N, C): CLS, registers (no position), patches
-        x = self.patch_embeddings.projection(pixels).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.position_embeddings
+        x = self.patch_embeddings.projection(pixels)
+        grid = x.shape[-1]
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.positions(grid)
         if hasattr(self, "register_tokens"):
             x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], 1)
         return x
@@ -363,8 +383,8 @@ class DINOv2Encoder(Encoder):
 
     prefix, keep = "", None
 
-    def __init__(self, cfg: Dinov2Config, processing: ImageProcessing):
-        super().__init__(cfg, processing)
+    def __init__(self, cfg: Dinov2Config, processing: ImageProcessing, tokens=None):
+        super().__init__(cfg, processing, tokens)
         if cfg.use_swiglu_ffn:
             raise WeightsError("DINOv2 with a SwiGLU MLP (use_swiglu_ffn) is not supported")
         self.embeddings = Dinov2Embeddings(cfg)
@@ -373,25 +393,33 @@ class DINOv2Encoder(Encoder):
         self.skip = 1 + cfg.num_register_tokens
 
     @staticmethod
-    def read_config(config, folder):
+    def read_config(config, folder, image_size=None):
         cfg = from_dict(Dinov2Config, config)
-        # The official tower overrides the file's resize and crop with the model's image size (dino_encoder.py):
-        # shortest edge 224, center crop 224; resample, rescale and mean/std come from the file.
-        return cfg, ImageProcessing.from_file(folder, cfg.image_size)
+        # The official tower overrides the file's resize and crop with its image size (dino_encoder.py): the model's,
+        # or the `-res` of its name; shortest edge and center crop that size; resample, rescale, mean/std from the file.
+        return cfg, ImageProcessing.from_file(folder, image_size or cfg.image_size)
 
-    def encode(self, pixels):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents
-        x = self.embeddings(self.check(pixels))
+    def encode(self, pixels, official=False):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents
+        x = self.embeddings(self.check(pixels, official))
         for layer in self.encoder.layer:
             x = layer(x)
-        return self.layernorm(x[:, self.skip:])  # LayerNorm is per token: dropping CLS/registers first is exact
+        x = self.layernorm(x[:, self.skip:])  # LayerNorm is per token: dropping CLS/registers first is exact
+        x = x.bfloat16() if official else x  # official: the features are rounded to bf16
+        side, grid = math.isqrt(self.num_tokens), math.isqrt(x.shape[1])
+        if grid == side:
+            return x
+        y = x.unflatten(1, (grid, grid)).permute(0, 3, 1, 2).float()  # the official resize of the grid: in fp32
+        y = F.interpolate(y, size=(side, side), mode="bilinear", align_corners=False).to(x.dtype)
+        return y.permute(0, 2, 3, 1).flatten(1, 2)
 
 
 # model_type in config.json -> architecture. SigLIP-2 fixed-resolution checkpoints declare `siglip`.
 ENCODERS = {"siglip": SigLIP2Encoder, "dinov2": DINOv2Encoder, "dinov2_with_registers": DINOv2Encoder}
 
 
-def read_encoder_config(folder):
-    """(encoder class, config, preprocessing) from a checkpoint folder's JSON files; no weights are read."""
+def read_encoder_config(folder, image_size=None):
+    """(encoder class, config, preprocessing) from a checkpoint folder's JSON files, at the resolution `image_size`
+    (default: the model's); no weights are read."""
     config = read_config(folder)
     model_type = config.get("model_type")
     if model_type == "siglip2":
@@ -400,16 +428,16 @@ def read_encoder_config(folder):
     if model_type not in ENCODERS:
         raise WeightsError(f"{folder}: encoder model_type {model_type!r} is not supported ({sorted(ENCODERS)})")
     cls = ENCODERS[model_type]
-    return (cls, *cls.read_config(config, folder))
+    return (cls, *cls.read_config(config, folder, image_size))
 
 
-def load_encoder(path_or_repo, dtype=torch.float32, device="cpu"):
-    """A frozen encoder (eval, requires_grad False) from a local folder or Hub id, architecture from config.json."""
+def load_encoder(path_or_repo, dtype=torch.float32, device="cpu", image_size=None, tokens=None):
+    """A frozen encoder (eval, requires_grad False) from a local folder or Hub id, architecture from config.json;
+    at `image_size` px, giving `tokens` tokens (defaults: the checkpoint's own)."""
     folder = resolve(path_or_repo, allow_patterns=["*.json", "*.safetensors"])
-    cls, cfg, processing = read_encoder_config(folder)
+    cls, cfg, processing = read_encoder_config(folder, image_size)
     with torch.device("meta"):
-        encoder = cls(cfg, processing)
+        encoder = cls(cfg, processing, tokens)
     sd = read_safetensors(folder, prefix=cls.prefix, keep=cls.keep)
     sd.pop("embeddings.mask_token", None)  # DINOv2's masked-image-modeling token: pre-training only
-    load_strict(encoder, sd, f"{cls.__name__} weights in {folder}", dtype=dtype)
-    return encoder.to(device).eval().requires_grad_(False)
+    return load_strict(encoder, sd, f"{cls.__name__} weights in {folder}", dtype, device).requires_grad_(False)

@@ -12,6 +12,7 @@ hidden states condition the DiT. Training: cross-entropy on the answer + 2.0 x t
 import argparse
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit import DIT_PRESETS, DiffusionHead, DiTConfig, RMSNorm, initial_noise
-from rae import DECODER_FOR_ENCODER, RAE
+from rae import RELEASED_ENCODERS, RAE
 from tokenizer import IMAGE_TOKEN, Tokenizer, chat_prompt
 from weights import WeightsError, from_dict, load_strict, read_config, read_safetensors, resolve, save_safetensors, write_folder
 
@@ -165,7 +166,7 @@ class Qwen2Model(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
     def forward(self, x, positions, mask=None, cache=None):  # x (B, T, H) embeddings -> post-norm (B, T, H)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary(positions, self.norm.weight.dtype)  # the model's: x may be bf16 (official rounding)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
@@ -247,8 +248,7 @@ class Qwen2ForCausalLM(nn.Module):
         sd = read_safetensors(folder, keep=cls.checkpoint_keys)
         if cfg.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # tied: the official save drops it, and transformers re-ties it anyway
-        load_strict(model, sd, f"{cls.__name__} weights in {folder}", dtype=dtype)
-        return model.to(device).eval()
+        return load_strict(model, sd, f"{cls.__name__} weights in {folder}", dtype, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +260,7 @@ class ScaleRAEConfig(QwenConfig):
     dit: DiTConfig = field(default_factory=DiTConfig)
     mm_hidden_size: int = 1152  # encoder width: the input of mm_projector
     encoder: str = "google/siglip2-so400m-patch14-224"  # not in the checkpoint: loaded only when an image is read
+    encoder_image_size: int = None  # the `-res` of the official tower name (DINO): its resolution, if not its own
     tokenizer_model_max_length: int = 512
 
     @property
@@ -273,9 +274,16 @@ class ScaleRAEConfig(QwenConfig):
         required = ["hidden_size", "diffusion_model_hidden_size", "diffusion_model_depth", "diffusion_model_heads",
                     "diffusion_model_channels", "diffusion_model_z_channels", "mm_vision_tower_aux_list"]
         problems = [f"{k} is missing" for k in required if k not in d]
-        expected = {"model_type": "qwen2", "vision_loss": "diffusion-loss", "vision_loss_mode": "query",
-                    "mm_projector_type": "mlp2x_gelu", "dit_cls": "DiT"}
-        problems += [f"{k}={d[k]!r} (supported: {v!r})" for k, v in expected.items() if d.get(k, v) != v]
+        # The values the released models have and the official code reads (a DINO tower ignores the select layer).
+        tower = re.fullmatch(r"(.*?)(-res(\d+))?(-interp\d+)?", d.get("mm_vision_tower_aux_list", [""])[0])
+        expected = {"model_type": ("qwen2", "cambrian_qwen"), "vision_loss": ("diffusion-loss",),
+                    "vision_loss_mode": ("query",), "mm_projector_type": ("mlp2x_gelu",), "dit_cls": ("DiT",),
+                    "mm_vision_select_feature": ("patch",), "mm_use_im_start_end": (True,),
+                    "use_sliding_window": (False,)} | ({} if "dino" in tower[1] else {"mm_vision_select_layer": (-1,)})
+        problems += [f"{k}={d[k]!r} (supported: {' or '.join(map(repr, v))})" for k, v in expected.items()
+                     if d.get(k, v[0]) not in v]
+        if not isinstance(d.get("tokenizer_model_max_length", 512), int) or d.get("tokenizer_model_max_length", 512) < 1:
+            problems.append(f"tokenizer_model_max_length={d['tokenizer_model_max_length']!r} (a positive integer)")
         if d.get("diffusion_norm_stats_path"):
             problems.append("diffusion_norm_stats_path is set (latent normalization is not used by released models)")
         if d.get("diffusion_model_z_channels") == 0:
@@ -296,7 +304,7 @@ class ScaleRAEConfig(QwenConfig):
         llm = QwenConfig.from_official(d)
         return cls(**{f.name: getattr(llm, f.name) for f in fields(QwenConfig)}, dit=dit,
                    mm_hidden_size=d.get("mm_hidden_size", dit.in_channels),
-                   encoder=d["mm_vision_tower_aux_list"][0].split("-interp")[0],
+                   encoder=tower[1], encoder_image_size=tower[3] and int(tower[3]),
                    tokenizer_model_max_length=d.get("tokenizer_model_max_length", 512))
 
     def to_official(self):
@@ -311,7 +319,9 @@ class ScaleRAEConfig(QwenConfig):
             "diffusion_model_heads": self.dit.num_heads, "diffusion_model_z_channels": self.dit.z_channels,
             "diffusion_class_dropout_prob": self.dit.class_dropout_prob, "dit_cls": "DiT", "diffusion_base_dim": None,
             "diffusion_norm_stats_path": None, "diffusion_timesteps_per_sample": 1, "aux_regression": False,
-            "mm_vision_tower_aux_list": [self.encoder], "mm_vision_tower_aux_token_len_list": [self.image_tokens],
+            "mm_vision_tower_aux_list": [self.encoder + (f"-res{self.encoder_image_size}" if self.encoder_image_size
+                                                         else "")],
+            "mm_vision_tower_aux_token_len_list": [self.image_tokens],
             "vision_tower_aux_token_len_list": [self.image_tokens], "mm_hidden_size": self.mm_hidden_size,
             "mm_projector_type": "mlp2x_gelu", "use_mm_proj": True, "mm_vision_select_layer": -1,
             "mm_vision_select_feature": "patch", "mm_use_im_start_end": True, "mm_use_im_patch_token": False,
@@ -365,6 +375,8 @@ class ScaleRAE(Qwen2ForCausalLM):
         x = self.model.embed_tokens(input_ids.clamp(min=0))  # (B, L, H)
         if image_features is None:
             return x
+        if image_features.shape[1] != self.config.image_tokens:  # never silently cut to the first 256
+            raise ValueError(f"{image_features.shape[1]} image tokens; the model reads {self.config.image_tokens}")
         fill = self.model.mm_projector(image_features.to(x.dtype))  # (B, 256, H)
         if image_is_target is not None:
             queries = self.model.latent_queries.to(x.dtype)[None]
@@ -397,14 +409,14 @@ class ScaleRAE(Qwen2ForCausalLM):
         return ce + vision_coef * diff, ce, diff
 
     @torch.no_grad()
-    def generate(self, prompts, stop_ids, image_start_id, image_features=None, max_new_tokens=512):
+    def generate(self, prompts, stop_ids, image_start_id, image_features=None, max_new_tokens=512, official=False):
         """Greedy decoding of a batch of prompts with a KV cache, as the official loop does without one.
 
         prompts: lists of token ids; a run of 256 IMAGE_TOKEN slots holds row i of image_features (N, 256, C)
         (understanding). A row stops at a stop id (kept), at max_new_tokens, or when it emits <im_start>: then
         <im_start> and the 256 latent queries are appended in one block, and the projected post-norm hidden states of
-        the queries become its DiT condition (as official, no text follows an image).
-        Returns per prompt (generated ids, condition (256, Z) or None).
+        the queries become its DiT condition (as official, no text follows an image). official: the official roundings
+        of a prompt with an image (its embeddings in bf16; see below). Returns per prompt (ids, condition (256, Z) or None).
         """
         device, dtype = self.model.norm.weight.device, self.model.norm.weight.dtype
         T = self.config.image_tokens
@@ -423,7 +435,13 @@ class ScaleRAE(Qwen2ForCausalLM):
             mask = attention_mask(valid, col, n) if padded or col else None  # None: plain causal (SDPA's fast path)
             return self(inputs_embeds=x, positions=positions, mask=mask, cache=cache)
 
-        h = forward(self.embed(ids, image_features, None))
+        x, rounded = self.embed(ids, image_features, None), official and image_features is not None
+        h = forward(x.bfloat16() if rounded else x)
+        if rounded:
+            # Official: a prompt with an image enters in bf16, so layer 0's RMSNorm rounds its output to bf16 on the
+            # first step only; the next steps, recomputed without a cache there, see the same values in fp32.
+            cache.length = 0
+            forward(x.bfloat16().to(x.dtype))
         out, active, wants_image = [[] for _ in range(B)], [True] * B, [False] * B
         for step in range(max_new_tokens):
             token = self.logits(h[:, -1]).argmax(-1)  # (B,) first maximum on ties, like torch.argmax in the official loop
@@ -450,20 +468,23 @@ class ScaleRAE(Qwen2ForCausalLM):
                 conditions[b] = y[i]
         return [(out[b], conditions[b]) for b in range(B)]
 
-    def chat(self, tokenizer, prompts, image_features=None, max_new_tokens=512, batch_size=None):
+    def chat(self, tokenizer, prompts, image_features=None, max_new_tokens=512, batch_size=None, official=False):
         """Greedy answers to user prompts (the chat template is applied here), batch_size prompts at a time; with
-        image_features (N, 256, C), prompt i is about image i (understanding). [(generated ids, condition or None)]."""
+        image_features (N, 256, C), prompt i is about image i (understanding). [(generated ids, condition or None)].
+        official: the official numerics (generate), and its cut of a prompt with an image to the trained length."""
         with_image = image_features is not None
         ids = [tokenizer.encode_with_image(chat_prompt(p, image=with_image), self.config.image_tokens) for p in prompts]
         trained = self.config.tokenizer_model_max_length
         for p, i in zip(prompts, ids):
             if len(i) > trained:
                 warnings.warn(f"prompt {p[:40]!r}... is {len(i)} tokens, longer than the {trained} positions the model "
-                              f"was trained on; expect a poor answer")
+                              f"was trained on; expect a poor answer" + (" (cut there, as official)" if official and
+                                                                         with_image else ""))
+        ids = [i[:trained] for i in ids] if official and with_image else ids
         n = batch_size or len(ids)
         return [r for i in range(0, len(ids), n) for r in self.generate(
             ids[i:i + n], {tokenizer.chat_end}, tokenizer.image_start,
-            None if image_features is None else image_features[i:i + n], max_new_tokens)]
+            None if image_features is None else image_features[i:i + n], max_new_tokens, official)]
 
     @torch.no_grad()
     def sample_latents(self, conditions, seeds, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None,
@@ -500,23 +521,27 @@ def checkpoint_encoder(folder, config):
     return str(shipped) if shipped.is_dir() else config.encoder
 
 
-def load_pipeline(path, decoder=None, dtype=None, device=None):
+def load_pipeline(path, decoder=None, dtype=None, device=None, encoder=None, official=False):
     """(model, tokenizer, rae) of a Scale-RAE checkpoint (Hub id, folder, or "toy": the shipped TOY_MODEL); cuda and
     bfloat16 when there is a GPU, else cpu and float32. The decoder defaults to the checkpoint's `decoder/` or the one
-    released for its encoder; the encoder loads only when an image is read. Failures are one-line WeightsErrors."""
+    released for its encoder (False: none); the encoder (default: the model's) loads only when an image is read.
+    official: float32, and the encoder on the CPU, as the official CLI. Failures are one-line WeightsErrors."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype  # "bfloat16", as the scripts' --dtype says
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    dtype = torch.float32 if official else dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     try:
         folder = resolve(TOY_MODEL if str(path) == "toy" else path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
         model = ScaleRAE.from_pretrained(folder, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_dir(folder)
-        encoder = checkpoint_encoder(folder, model.config)
+        encoder = encoder or checkpoint_encoder(folder, model.config)
         if decoder is None:
-            decoder = str(folder / "decoder") if (folder / "decoder").is_dir() else DECODER_FOR_ENCODER.get(encoder)
+            released = RELEASED_ENCODERS.get(model.config.encoder, [None])[0]
+            decoder = str(folder / "decoder") if (folder / "decoder").is_dir() else released
         if decoder is None:
             raise WeightsError(f"no default RAE decoder for the encoder {encoder!r}; pass a decoder")
-        return model, tokenizer, RAE.from_pretrained(encoder, decoder, dtype=dtype, device=device)
+        return model, tokenizer, RAE.from_pretrained(
+            encoder, decoder or None, dtype, device, "cpu" if official else device,
+            image_size=model.config.encoder_image_size, tokens=model.config.image_tokens)
     except (OSError, ValueError) as e:  # a missing or malformed file that the readers did not name themselves
         raise WeightsError(f"{type(e).__name__}: {e}") from None
 

@@ -7,7 +7,9 @@ released as `nyu-visionx/{siglip2,webssl300m}_decoder`: a ViT-MAE-style `config.
     patches = decoder_pred(decoder_norm(pre-LN ViTMAE layers(x)))[:, 1:]     # (B, 256, p*p*3) normalized pixels
     image = unpatchify(patches) * std + mean                                 # with the ENCODER's statistics
 Official parameter names, so `model.pt` loads with a strict key check (the official loader ignores mismatches). The
-decoder's input width is the encoder's: config.json's `hidden_size` is ignored, as the official code overrides it.
+decoder's input width is read from `model.pt` (`decoder_embed.weight`): config.json's `hidden_size` is a ViT-MAE
+leftover that the official code overrides with the encoder's. Text-to-image needs no encoder file at all: the
+de-normalization statistics of the released encoders are in RELEASED_ENCODERS.
 """
 
 import json
@@ -25,9 +27,10 @@ from encoders import ViTAttention, activation, denormalize, load_encoder, named,
 from weights import WeightsError, from_dict, load_strict, read_config, resolve, write_folder
 
 
-DECODER_FOR_ENCODER = {  # the released RAE decoder of each representation encoder
-    "google/siglip2-so400m-patch14-224": "nyu-visionx/siglip2_decoder",
-    "facebook/webssl-dino300m-full2b-224": "nyu-visionx/webssl300m_decoder",
+RELEASED_ENCODERS = {  # encoder id: (its released RAE decoder, image_mean, image_std of its preprocessor_config.json)
+    "google/siglip2-so400m-patch14-224": ("nyu-visionx/siglip2_decoder", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "facebook/webssl-dino300m-full2b-224": ("nyu-visionx/webssl300m_decoder", (0.485, 0.456, 0.406),
+                                            (0.229, 0.224, 0.225)),  # ImageNet's, as DINOv2's processor
 }
 
 
@@ -139,8 +142,9 @@ class RAEDecoder(nn.Module):
         return denormalize(self.unpatchify(self.predict_patches(latents)).float(), self.image_mean, self.image_std)
 
 
-def load_decoder(path_or_repo, encoder_hidden_size, image_mean, image_std, dtype=torch.float32, device="cpu"):
-    """The released decoder (config.json + model.pt) from a local folder or Hub id, strictly checked."""
+def load_decoder(path_or_repo, image_mean, image_std, dtype=torch.float32, device="cpu"):
+    """The released decoder (config.json + model.pt) from a local folder or Hub id, strictly checked; an unused MAE
+    `mask_token` (the official load is not strict) is dropped with a note."""
     folder = resolve(path_or_repo, allow_patterns=["config.json", "model.pt"])
     cfg = DecoderConfig.from_dict(read_config(folder))
     path = Path(folder) / "model.pt"
@@ -150,42 +154,56 @@ def load_decoder(path_or_repo, encoder_hidden_size, image_mean, image_std, dtype
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, random bytes, a pickle with code in it, ...
         raise WeightsError(f"{path} is corrupt or not a plain PyTorch state dict ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise WeightsError(f"{path} does not hold a flat {{name: tensor}} state dict")
+    embed = sd.get("decoder_embed.weight") if isinstance(sd, dict) else None
+    if not isinstance(embed, torch.Tensor) or embed.ndim != 2 or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a flat {{name: tensor}} state dict with decoder_embed.weight")
     with torch.device("meta"):
-        decoder = RAEDecoder(cfg, encoder_hidden_size, image_mean, image_std)
-    load_strict(decoder, sd, f"RAE decoder weights in {path}", dtype=dtype)
-    return decoder.to(device).eval()
+        decoder = RAEDecoder(cfg, embed.shape[1], image_mean, image_std)  # in_dim: the encoder's width
+    return load_strict(decoder, sd, f"RAE decoder weights in {path}", dtype, device, harmless=["mask_token"])
 
 
 class RAE:
-    """A frozen encoder paired with its pixel decoder. The encoder is loaded on first use: sampling needs only the
-    decoder, whose input width and de-normalization come from the encoder's JSON files."""
+    """A frozen encoder paired with its pixel decoder, each loaded only when needed: drawing an image needs only the
+    decoder, reading one only the encoder (loaded on first use, with the keyword arguments of load_encoder)."""
 
-    def __init__(self, decoder: RAEDecoder, encoder=None, encoder_path=None, dtype=torch.float32, device="cpu",
-                 decoder_path=None):
-        self.decoder, self._encoder = decoder, encoder
-        self.encoder_path, self.decoder_path = encoder_path, decoder_path  # where they came from, for manifests
-        self._encoder_args = (encoder_path, dtype, device)
+    def __init__(self, decoder: RAEDecoder = None, encoder=None, decoder_path=None, device="cpu", encoder_args=None):
+        self.decoder, self._encoder, self.device, self.encoder_args = decoder, encoder, device, encoder_args or {}
+        self.encoder_path, self.decoder_path = self.encoder_args.get("path_or_repo"), decoder_path  # for manifests
 
     @classmethod
-    def from_pretrained(cls, encoder_path, decoder_path, dtype=torch.float32, device="cpu"):
-        _, enc_cfg, processing = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
-        decoder = load_decoder(decoder_path, enc_cfg.hidden_size, processing.image_mean, processing.image_std,
-                               dtype, device)
-        return cls(decoder, encoder_path=encoder_path, dtype=dtype, device=device, decoder_path=decoder_path)
+    def from_pretrained(cls, encoder_path, decoder_path=None, dtype=torch.float32, device="cpu", encoder_device=None,
+                        **encoder_args):
+        """decoder_path None: no decoder. The de-normalization is the encoder's, from RELEASED_ENCODERS (no file
+        needed), else from the encoder's preprocessor_config.json (a local encoder such as the toy's)."""
+        if decoder_path is None:
+            decoder = None
+        elif encoder_path in RELEASED_ENCODERS:
+            decoder = load_decoder(decoder_path, *RELEASED_ENCODERS[encoder_path][1:], dtype, device)
+        else:
+            processing = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))[2]
+            decoder = load_decoder(decoder_path, processing.image_mean, processing.image_std, dtype, device)
+        encoder_args = dict(path_or_repo=encoder_path, dtype=dtype, device=encoder_device or device) | encoder_args
+        return cls(decoder, None, decoder_path, device, encoder_args)
 
     @property
     def encoder(self):
         if self._encoder is None:
-            if self._encoder_args[0] is None:
-                raise ValueError("this RAE was built without an encoder (pass encoder= or encoder_path=)")
-            self._encoder = load_encoder(*self._encoder_args)
+            if self.encoder_path is None:
+                raise ValueError("this RAE was built without an encoder (pass encoder= or path_or_repo=)")
+            try:
+                self._encoder = load_encoder(**self.encoder_args)
+            except WeightsError as e:
+                raise WeightsError(f"reading an image needs the encoder {self.encoder_path}: {e}") from None
+            stats = (tuple(self._encoder.image_mean), tuple(self._encoder.image_std))
+            if self.decoder is not None and stats != (self.decoder.image_mean, self.decoder.image_std):
+                raise WeightsError(f"the encoder {self.encoder_path} normalizes pixels with mean, std = {stats}, but "
+                                   f"the decoder de-normalizes with {self.decoder.image_mean, self.decoder.image_std}")
         return self._encoder
 
     @torch.no_grad()
-    def encode(self, images):  # a list of PIL images -> latents (B, 256, C)
-        return self.encoder.encode(self.encoder.preprocess(images).to(next(self.encoder.parameters()).device))
+    def encode(self, images, official=False):  # a list of PIL images -> latents (B, 256, C) on self.device
+        pixels = self.encoder.preprocess(images).to(next(self.encoder.parameters()).device)
+        return self.encoder.encode(pixels, official).to(self.device)
 
     @torch.no_grad()
     def decode(self, latents):  # (B, 256, C) -> (B, 3, H, W) in [0, 1]

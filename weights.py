@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -44,10 +45,9 @@ def resolve(path_or_repo, allow_patterns=None):
     except HFValidationError as e:
         raise WeightsError(f"{name!r} is not a valid Hub repo id: {e}") from None
     except Exception as e:  # offline, unknown repo, gated repo, ...: one readable line instead of a traceback wall
-        raise WeightsError(
-            f"could not get {name!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).\n"
-            f"  Download it on a machine with network access (`huggingface-cli download {name}`) and pass the local "
-            f"folder instead, or check the repo id.") from None
+        raise WeightsError(f"could not get {name!r} from the Hugging Face Hub ({type(e).__name__}: "
+                           f"{(str(e) or ' ').splitlines()[0]}); download it with network access (`huggingface-cli "
+                           f"download {name}`) or pass its local folder") from None
 
 
 def read_config(folder, name="config.json"):
@@ -156,13 +156,19 @@ def save_safetensors(state_dict, path, metadata=None):
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def load_strict(module: nn.Module, state_dict, what, dtype=None):
-    """Load `state_dict` into `module` (typically built on `meta`) with assign=True after checking every key.
+def load_strict(module: nn.Module, state_dict, what, dtype=None, device="cpu", harmless=()):
+    """Load `state_dict` into `module` (built on `meta`) with assign=True after checking every key; returns the module
+    on `device`, in eval mode.
 
+    Keys in `harmless` (tensors the model does not use, such as MAE's `mask_token`) are dropped with a one-line note.
     Non-persistent buffers (tables the module computes itself) are not in the file and keep their own values.
     Parameters are cast to `dtype` (default: the module's); floating persistent buffers are fixed tables (positions,
-    rotation angles), kept in float32 so that a bfloat16 model keeps exact angles.
+    rotation angles), kept in float32 so that a bfloat16 model keeps exact angles. Each tensor is cast and moved on its
+    own, so a load to an accelerator holds at most one memory-mapped shard in host memory, never the whole model.
     """
+    extra = [k for k in harmless if state_dict.pop(k, None) is not None]
+    if extra:
+        warnings.warn(f"{what}: ignoring {extra}, which the model does not use")
     expected = module.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -174,10 +180,11 @@ def load_strict(module: nn.Module, state_dict, what, dtype=None):
         raise WeightsError(f"{what} does not match the model" + show("missing", missing)
                            + show("unexpected", unexpected) + show("wrong shape", mismatched))
     params = dict(module.named_parameters())
-    sd = {k: v.to((dtype or expected[k].dtype) if k in params else torch.float32) if v.is_floating_point() else v
-          for k, v in state_dict.items()}
-    module.load_state_dict(sd, strict=False, assign=True)
+    for k, v in state_dict.items():  # in place: the file's copy of a tensor is dropped as soon as it is cast
+        keep = (dtype or expected[k].dtype) if k in params else torch.float32
+        state_dict[k] = v.to(device, keep if v.is_floating_point() else v.dtype)
+    module.load_state_dict(state_dict, strict=False, assign=True)
     meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if meta:
         raise WeightsError(f"{what}: these tensors were neither in the file nor recomputed: {meta[:12]}")
-    return module
+    return module.to(device).eval()

@@ -113,7 +113,7 @@ def test_decoder_layer_equals_transformers_vitmae_layer():
 @pytest.mark.parametrize("B", [1, 3])
 def test_decoder_equals_the_official_forward(decoder_dir, B):
     sd = official_state_dict()
-    dec = load_decoder(decoder_dir, ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
+    dec = load_decoder(decoder_dir, SIGLIP_MEAN, SIGLIP_STD)
     z = torch.randn(B, 256, ENC_WIDTH)
     with torch.no_grad():
         got = dec(z)
@@ -237,11 +237,23 @@ def test_decoder_key_mismatch_lists_the_keys(tmp_path):
     sd["decoder.mask_token"] = torch.zeros(1, 1, 48)
     sd["decoder_pred.bias"] = torch.zeros(5)
     with pytest.raises(WeightsError) as e:
-        load_decoder(write_decoder(tmp_path / "d", sd), ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
+        load_decoder(write_decoder(tmp_path / "d", sd), SIGLIP_MEAN, SIGLIP_STD)
     for text in ("decoder_layers.1.output.dense.bias", "decoder.mask_token", "decoder_pred.bias: file (5,)"):
         assert text in str(e.value)
-    with pytest.raises(WeightsError, match="decoder_embed.weight: file"):  # encoder width 32 vs 1152
-        load_decoder(write_decoder(tmp_path / "w"), 1152, SIGLIP_MEAN, SIGLIP_STD)
+
+
+
+def test_decoder_width_comes_from_model_pt_and_mask_token_is_harmless(tmp_path):
+    """config.json's hidden_size (768 here, a ViT-MAE leftover) is not the input width: model.pt's decoder_embed is.
+    MAE's unused mask_token, which the official non-strict load ignores, is dropped with a one-line note."""
+    dec = load_decoder(write_decoder(tmp_path / "w"), SIGLIP_MEAN, SIGLIP_STD)
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["hidden_size"] == 768
+    assert dec.decoder_embed.in_features == ENC_WIDTH
+    sd = official_state_dict()
+    with pytest.warns(UserWarning, match=r"ignoring \['mask_token'\]"):
+        masked = load_decoder(write_decoder(tmp_path / "m", {**sd, "mask_token": torch.zeros(1, 1, 48)}),
+                              SIGLIP_MEAN, SIGLIP_STD)
+    assert all(torch.equal(v, sd[k]) for k, v in masked.state_dict().items())
 
 
 def test_corrupt_model_pt_names_the_file(tmp_path, decoder_dir):
@@ -250,10 +262,10 @@ def test_corrupt_model_pt_names_the_file(tmp_path, decoder_dir):
         folder = write_decoder(tmp_path / name)
         (folder / "model.pt").write_bytes(data)
         with pytest.raises(WeightsError, match=str(folder / "model.pt")):
-            load_decoder(folder, ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
+            load_decoder(folder, SIGLIP_MEAN, SIGLIP_STD)
     nested = write_decoder(tmp_path / "nested", {"model": official_state_dict()})  # a training checkpoint
     with pytest.raises(WeightsError, match="state dict"):
-        load_decoder(nested, ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
+        load_decoder(nested, SIGLIP_MEAN, SIGLIP_STD)
 
 
 def test_bad_decoder_configs_are_refused(tmp_path):
@@ -261,7 +273,7 @@ def test_bad_decoder_configs_are_refused(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**cfg, "patch_size": "SHOULD BE RELOADED"}))  # RAE's template
     with pytest.raises(WeightsError, match="patch_size"):
-        load_decoder(folder, ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
+        load_decoder(folder, SIGLIP_MEAN, SIGLIP_STD)
     dec = RAEDecoder(DecoderConfig(**TINY), ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
     with pytest.raises(ValueError, match="256 tokens, got 196"):
         dec(torch.zeros(1, 196, ENC_WIDTH))
@@ -269,8 +281,8 @@ def test_bad_decoder_configs_are_refused(tmp_path):
 
 def test_bfloat16_decoder_decodes_float32_latents(decoder_dir):
     """The sampler returns float32 latents; a bfloat16 decoder (the GPU default) must take them as they are."""
-    fp32 = RAE(load_decoder(decoder_dir, ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD))
-    bf16 = RAE(load_decoder(decoder_dir, ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD, dtype=torch.bfloat16))
+    fp32 = RAE(load_decoder(decoder_dir, SIGLIP_MEAN, SIGLIP_STD))
+    bf16 = RAE(load_decoder(decoder_dir, SIGLIP_MEAN, SIGLIP_STD, dtype=torch.bfloat16))
     z = torch.randn(2, 256, ENC_WIDTH)
     out = bf16.decode(z)
     assert out.shape == (2, 3, 224, 224) and (out.float() - fp32.decode(z)).abs().max() < 0.1
@@ -283,7 +295,7 @@ def test_fresh_decoder_saves_the_released_layout(tmp_path):
     dec.save_pretrained(tmp_path / "d")
     with pytest.raises(FileExistsError):
         dec.save_pretrained(tmp_path / "d")
-    back = load_decoder(tmp_path / "d", ENC_WIDTH, SIGLIP_MEAN, SIGLIP_STD)
+    back = load_decoder(tmp_path / "d", SIGLIP_MEAN, SIGLIP_STD)
     z = torch.randn(2, 256, ENC_WIDTH)
     with torch.no_grad():
         assert torch.equal(back(z), dec(z))

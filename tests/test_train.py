@@ -220,7 +220,7 @@ def test_decoder_stage_reduces_reconstruction_error(decoder):
     assert mean(l1[s] for s in range(53, 61)) < 0.7 * mean(l1[s] for s in range(1, 9))  # measured: 0.19 x
     assert mean(mse[s] for s in range(53, 61)) < 0.7 * mean(mse[s] for s in range(1, 9))  # 0.12 x
     from rae import load_decoder
-    model = load_decoder(decoder / "export", 32, (0.5,) * 3, (0.5,) * 3)
+    model = load_decoder(decoder / "export", (0.5,) * 3, (0.5,) * 3)
     assert model(torch.zeros(1, 64, 32)).shape == (1, 3, 32, 32)
 
 
