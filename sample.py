@@ -1,14 +1,14 @@
 """Sample images (and text) from a Scale-RAE checkpoint. The GPU sampling script; it also runs on a CPU.
 
-    python sample.py --prompt "Can you generate a photo of a cat on a windowsill?"
+    python sample.py --prompt "Can you generate a photo of a cat on a windowsill?"       # or: sample.py t2i --prompt
     python sample.py --prompts-file prompts.jsonl --num-images 4 --guidance-level 3.0
-    python sample.py --image photo.jpg --prompt "What is in this image?"         # understanding
-    python sample.py --latent outputs/sample_..._00_latent.safetensors           # decode a saved latent
+    python sample.py img --image photo.jpg --prompt "What is in this image?"            # understanding
+    python sample.py latent --latent x_latent.pt --action qa --prompt "Describe it."    # or --action decode/continue
+    python sample.py --prompt "..." --post-qa-prompt "Does the image match the prompt?" # the model checks its image
 
 Pipeline: model.load_pipeline -> ScaleRAE.chat (Qwen2.5 with a KV cache; <im_start> + 256 latent queries -> DiT
-condition) -> ScaleRAE.sample_latents (rectified flow) -> RAE decoder -> PNG. Defaults follow the official CLI
-(greedy, the official 49-evaluation schedule, guidance 1.0 = off); `--guidance-level > 1` is real classifier-free
-guidance (the official one is a no-op). Every output gets a new name: nothing is ever overwritten.
+condition) -> ScaleRAE.sample_latents (rectified flow) -> RAE decoder -> PNG. The official CLI's subcommands, flags and
+defaults; `--official` reproduces its numerics bit for bit. Where we differ on purpose: README, "Sampling".
 """
 
 import argparse
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dit import official_timesteps
@@ -28,15 +27,20 @@ from model import at_least, available_device, load_pipeline
 from weights import WeightsError, check_writable, write_atomic
 
 DEFAULT_MODEL = "nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B"
+COMMANDS = ("t2i", "img", "latent")  # the official CLI's subcommands: another spelling of the flags below
 
 
 def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else None
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="text prompt (request-style works best: 'Can you generate a photo of ...?')")
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL with a 'prompt' field")
     p.add_argument("--model-path", default=DEFAULT_MODEL, help="Hub id or local folder of a Scale-RAE checkpoint")
     p.add_argument("--decoder-repo", help="Hub id or local folder of the RAE decoder (default: the one released "
                                           "for the model's encoder, or the checkpoint's own decoder/)")
+    p.add_argument("--encoder-path", help="Hub id or local folder of the encoder, read only for --image and "
+                                          "--post-qa-mode image (default: the one the model names)")
     p.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=42, help="image i uses seed + i (default 42)")
     p.add_argument("--num-images", type=at_least(1, hi=10_000), default=1, help="images per prompt")
     p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0,
@@ -48,31 +52,62 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=at_least(1), default=8, help="prompts per LLM batch and images per DiT batch")
     p.add_argument("--device", type=available_device, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--official", action="store_true", help="the official numerics, bit for bit: float32, the encoder "
+                   "on the CPU, its bf16 roundings of pixels, features and multimodal prompts (guidance is a no-op)")
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--save-latent", action="store_true", help="also save each latent (safetensors, key 'latent')")
+    p.add_argument("--skip-decoder", action="store_true", help="no decoder, no PNG: save the latents instead")
     p.add_argument("--image", help="understanding: answer --prompt about this image")
-    p.add_argument("--latent", help="decode this saved latent, or answer --prompt about it")
+    p.add_argument("--latent", help="a saved latent (.safetensors, or an official .pt) to decode or ask about")
+    p.add_argument("--action", choices=["decode", "qa", "continue"], help="for --latent: decode it (default without "
+                   "--prompt), answer --prompt about it (default with one), or continue (an image drawn is kept)")
+    p.add_argument("--max-new-tokens-qa", type=at_least(1), default=64, help="answer length of --action qa/continue")
+    p.add_argument("--post-qa-prompt", help="after text-to-image, ask the model this about each image it drew")
+    p.add_argument("--post-qa-template-path", help="a file holding the post-QA prompt (official qa_prompt_template.txt)")
+    p.add_argument("--post-qa-mode", choices=["latent", "image"], default="latent",
+                   help="post-QA reads the latent itself (no decoder) or the decoded image (re-encoded)")
+    p.add_argument("--post-qa-max-new-tokens", type=at_least(1), default=64)
     args = p.parse_args(argv)
 
     # Bad input is reported here, before any model is loaded.
     args.prompts = ([args.prompt] if args.prompt is not None else []) + (
         read_prompts(p, args.prompts_file) if args.prompts_file else [])
-    if any(not s.strip() for s in args.prompts):
-        p.error("empty prompt")
-    if not args.prompts and not args.latent:
-        p.error("give --prompt or --prompts-file (or --latent to decode a saved latent)")
-    if args.image and args.latent:
-        p.error("--image and --latent are exclusive")
-    if (args.image or args.latent) and len(args.prompts) > 1:
-        p.error("--image/--latent take a single --prompt")
-    if args.cfg_interval and args.cfg_interval[0] > args.cfg_interval[1]:
-        p.error(f"--cfg-interval LO HI needs LO <= HI, got {args.cfg_interval}")
+    args.action = args.action or (None if not args.latent else "qa" if args.prompts else "decode")
+    a, action = args, args.action
+    for bad, message in [  # each rule: (the input breaks it, what to tell the user)
+        (command == "t2i" and (not a.prompts or a.image or a.latent), "t2i needs --prompt (and no --image/--latent)"),
+        (command == "img" and not (a.image and a.prompts), "img needs --image and --prompt"),
+        (command == "latent" and not a.latent, "latent needs --latent"),
+        (any(not s.strip() for s in a.prompts), "empty prompt"),
+        (not a.prompts and not a.latent, "give --prompt or --prompts-file (or --latent to decode a saved latent)"),
+        (a.image and a.latent, "--image and --latent are exclusive"),
+        ((a.image or a.latent) and len(a.prompts) > 1, "--image/--latent take a single --prompt"),
+        (action and not a.latent, "--action needs --latent"),
+        (action == "decode" and a.prompts, "--action decode takes no --prompt"),
+        (action in ("qa", "continue") and not a.prompts, f"--action {action} needs a --prompt"),
+        (action == "decode" and a.skip_decoder, "--action decode with --skip-decoder has nothing to do"),
+        (a.cfg_interval and a.cfg_interval[0] > a.cfg_interval[1], f"--cfg-interval needs LO <= HI, got {a.cfg_interval}"),
+        (a.official and a.dtype == "bfloat16", "--official runs in float32, as the official CLI: drop --dtype bfloat16"),
+        (a.post_qa_prompt is not None and a.post_qa_template_path, "--post-qa-prompt and --post-qa-template-path are exclusive"),
+    ]:
+        if bad:
+            p.error(message)
     try:
         check_writable(args.output_dir)
         args.input_image = load_image(args.image) if args.image else None
         args.input_latent = read_latent(args.latent) if args.latent else None
+        if args.post_qa_template_path:
+            args.post_qa_prompt = Path(args.post_qa_template_path).read_text(encoding="utf-8")
     except (OSError, ValueError) as e:
         p.error(str(e))
+    if args.post_qa_prompt is not None and (not args.post_qa_prompt.strip() or args.image or args.latent):
+        p.error("post-QA needs a non-empty prompt and follows text-to-image (not --image/--latent)")
+    if args.post_qa_prompt and args.post_qa_mode == "image" and args.skip_decoder:
+        p.error("--post-qa-mode image reads the decoded image: drop --skip-decoder, or use --post-qa-mode latent")
+    if args.official and args.guidance_level != 1.0:
+        print("--official: guidance set to 1.0, as the official guidance has no effect")
+        args.guidance_level = 1.0
+    args.save_latent |= args.skip_decoder
     return args
 
 
@@ -94,13 +129,14 @@ def read_prompts(parser, path):
 
 
 def read_latent(path):
+    """A latent written by --save-latent (safetensors) or by the official CLI (torch.save, read without pickle code)."""
     try:
-        latent = load_file(path)["latent"]
-    except (OSError, SafetensorError, KeyError) as e:
-        raise ValueError(f"--latent {path} is not a latent file written by --save-latent ({e!r})") from None
-    if latent.ndim != 2 or not latent.float().isfinite().all():
-        raise ValueError(f"--latent {path} holds a {tuple(latent.shape)} tensor that is not (tokens, channels) of "
-                         f"finite numbers")
+        latent = torch.load(path, weights_only=True) if path.endswith(".pt") else load_file(path)["latent"]
+    except Exception as e:  # OSError, SafetensorError, KeyError, an UnpicklingError of a file with code in it, ...
+        raise ValueError(f"--latent {path} is not a latent file ({type(e).__name__}: {e})") from None
+    latent = latent[0] if isinstance(latent, torch.Tensor) and latent.ndim == 3 and len(latent) == 1 else latent
+    if not isinstance(latent, torch.Tensor) or latent.ndim != 2 or not latent.float().isfinite().all():
+        raise ValueError(f"--latent {path} does not hold a (tokens, channels) tensor of finite numbers")
     return latent.float()
 
 
@@ -137,8 +173,9 @@ def progress(total, label):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        model, tokenizer, rae = load_pipeline(args.model_path, args.decoder_repo, args.dtype, args.device)
+    try:  # the decoder is loaded only for the paths that decode
+        model, tokenizer, rae = load_pipeline(args.model_path, False if args.skip_decoder or args.action == "qa" else
+                                              args.decoder_repo, args.dtype, args.device, args.encoder_path, args.official)
     except WeightsError as e:
         sys.exit(f"error: {e}")
     device, dtype = model.model.norm.weight.device, model.model.norm.weight.dtype
@@ -148,63 +185,80 @@ def main(argv=None):
         sys.exit(f"error: --latent {args.latent} holds shape {tuple(args.input_latent.shape)}; this model's latents "
                  f"are {expected}")
 
-    features = None
-    if not args.prompts:  # decode only
-        results = [dict(prompt=None, text="", token_ids=[], latents=args.input_latent[None], seeds=[None])]
+    def ask(prompts, features, max_new_tokens):  # -> results, an image condition where the model opens one
+        answers = model.chat(tokenizer, prompts, features, max_new_tokens, args.batch_size, args.official)
+        return [dict(prompt=p, text=tokenizer.decode(ids), token_ids=ids, cond=cond, seeds=[], latents=[])
+                for p, (ids, cond) in zip(prompts, answers)]
+
+    try:
+        features = rae.encode([args.input_image], args.official) if args.input_image is not None else None
+        if args.post_qa_prompt and args.post_qa_mode == "image":
+            rae.encoder  # loads it now: a missing encoder is reported before any generation
+    except WeightsError as e:
+        sys.exit(f"error: {e}")
+    features = args.input_latent[None].to(device) if args.input_latent is not None else features  # (1, 256, C)
+    t1 = time.perf_counter()
+    if args.action == "decode":
+        results = [dict(prompt=None, text="", token_ids=[], cond=None, latents=args.input_latent[None], seeds=[None])]
     else:
-        features = args.input_latent[None].to(device) if args.input_latent is not None else None
-        if args.input_image is not None:
-            try:
-                features = rae.encode([args.input_image])  # (1, 256, C); the encoder loads on first use
-            except WeightsError as e:
-                sys.exit(f"error: {e}")
-        t1 = time.perf_counter()
-        answers = model.chat(tokenizer, args.prompts, features, args.max_new_tokens, args.batch_size)
+        results = ask(args.prompts, features, args.max_new_tokens_qa if args.latent else args.max_new_tokens)
         print(f"LLM: {len(args.prompts)} prompt(s) in {time.perf_counter() - t1:.2f}s")
-        results = [dict(prompt=p, text=tokenizer.decode(ids), token_ids=ids, cond=cond, seeds=[], latents=[])
-                   for p, (ids, cond) in zip(args.prompts, answers)]
-        # The DiT draws every image of every prompt; image i of the run uses seed + i.
-        drawn = [r for r in results if r["cond"] is not None for _ in range(args.num_images)]
-        for i, r in enumerate(drawn):
-            r["seeds"].append(args.seed + i)
-        if drawn:
-            t1 = time.perf_counter()
-            steps = args.steps or len(official_timesteps()[0])
-            latents = model.sample_latents(torch.stack([r["cond"] for r in drawn]), [args.seed + i for i in range(len(drawn))],
-                                           args.steps, args.guidance_level, args.cfg_interval,
-                                           progress(steps * -(-len(drawn) // args.batch_size), "DiT"), args.batch_size)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            print(f"DiT: {len(drawn)} image(s) in {time.perf_counter() - t1:.2f}s")
-            for r, x in zip(drawn, latents):
-                r["latents"].append(x)
+    # The DiT draws every image of every prompt (not after --action qa); image i of the run uses seed + i.
+    drawn = [r for r in results if r["cond"] is not None and args.action != "qa" for _ in range(args.num_images)]
+    if drawn:
+        t1 = time.perf_counter()
+        steps = args.steps or len(official_timesteps()[0])
+        seeds = [args.seed + i for i in range(len(drawn))]
+        latents = model.sample_latents(torch.stack([r["cond"] for r in drawn]), seeds, args.steps, args.guidance_level,
+                                       args.cfg_interval, progress(steps * -(-len(drawn) // args.batch_size), "DiT"),
+                                       args.batch_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"DiT: {len(drawn)} image(s) in {time.perf_counter() - t1:.2f}s")
+        for r, x, seed in zip(drawn, latents, seeds):
+            r["latents"].append(x)
+            r["seeds"].append(seed)
 
     # Decode batch_size images at a time; a non-finite latent or image ends the run before any file is written.
     jobs = [(r, x, seed) for r in results for x, seed in zip(r["latents"], r["seeds"])]
-    n = args.batch_size
-    pixels = [p for i in range(0, len(jobs), n) for p in rae.decode(torch.stack([x for _, x, _ in jobs[i:i + n]]).to(device))]
-    for (r, x, seed), p in zip(jobs, pixels):
-        if not (x.isfinite().all() and p.isfinite().all()):
+    n, pixels = args.batch_size, []
+    if not args.skip_decoder:
+        pixels = [p for i in range(0, len(jobs), n) for p in rae.decode(torch.stack([x for _, x, _ in jobs[i:i + n]]).to(device))]
+    for k, (r, x, seed) in enumerate(jobs):
+        if not (x.isfinite().all() and (args.skip_decoder or pixels[k].isfinite().all())):
             sys.exit(f"error: the image of {r['prompt']!r} (seed {seed}) is not finite (NaN or inf); nothing was written")
+    pils = rae.to_pil(torch.stack(pixels)) if pixels else []
+    if args.post_qa_prompt and jobs:  # the model answers a question about each image it drew
+        t1 = time.perf_counter()
+        seen = torch.stack([x for _, x, _ in jobs]).to(device) if args.post_qa_mode == "latent" else torch.cat(
+            [rae.encode(pils[i:i + n], args.official) for i in range(0, len(pils), n)])  # the PNG's pixels, re-encoded
+        for (r, _, _), qa in zip(jobs, ask([args.post_qa_prompt] * len(jobs), seen, args.post_qa_max_new_tokens)):
+            r.setdefault("post_qa", []).append(qa["text"])
+        print(f"post-QA ({args.post_qa_mode}): {len(jobs)} answer(s) in {time.perf_counter() - t1:.2f}s")
     stamp, out_dir = time.strftime("%Y%m%d-%H%M%S"), Path(args.output_dir)
     for r in results:
         r["images"], r["latent_files"] = [], []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for k, ((r, x, _), pil) in enumerate(zip(jobs, rae.to_pil(torch.stack(pixels)) if jobs else [])):
-            r["images"].append(write_new(out_dir, f"sample_{stamp}_{k:02d}", ".png", lambda tmp: pil.save(tmp, format="PNG")))
+        for k, (r, x, _) in enumerate(jobs):
+            if pils:
+                r["images"].append(write_new(out_dir, f"sample_{stamp}_{k:02d}", ".png",
+                                             lambda tmp: pils[k].save(tmp, format="PNG")))
             if args.save_latent:
                 r["latent_files"].append(write_new(out_dir, f"sample_{stamp}_{k:02d}_latent", ".safetensors",
                                                    lambda tmp: save_file({"latent": x.float().cpu().contiguous()}, str(tmp))))
         images, latent_files = [f for r in results for f in r["images"]], [f for r in results for f in r["latent_files"]]
         manifest = dict(
+            mode=("latent-" + args.action) if args.latent else "img" if args.image else "t2i",
             images=images, latents=latent_files, seed=args.seed, model_path=args.model_path,
             decoder_repo=rae.decoder_path, encoder=rae.encoder_path, guidance_level=args.guidance_level,
             cfg_interval=args.cfg_interval, steps=args.steps or "official", dtype=str(dtype).split(".")[-1],
-            device=str(device), input_image=args.image, input_latent=args.latent,
+            device=str(device), official=args.official, input_image=args.image, input_latent=args.latent,
+            post_qa=args.post_qa_prompt and dict(mode=args.post_qa_mode, prompt=args.post_qa_prompt),
             results=[dict(prompt=r["prompt"], text=r["text"], token_ids=r["token_ids"], images=r["images"],
                           latents=r["latent_files"], seeds=[s for s in r["seeds"] if s is not None],
-                          image_produced=bool(r["images"])) for r in results])
+                          image_produced=r["cond"] is not None and args.action != "qa",
+                          **({"post_qa": r["post_qa"]} if "post_qa" in r else {})) for r in results])
         path = write_new(out_dir, f"sample_{stamp}_manifest", ".json",
                          lambda tmp: tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False)))
     except OSError as e:
@@ -212,7 +266,9 @@ def main(argv=None):
     for r in results:
         if r["text"]:
             print(f"text: {r['text']}")
-        if r["prompt"] is not None and features is None and not r["images"]:
+        for answer in r.get("post_qa", []):
+            print(f"post-QA: {answer}")
+        if r["prompt"] is not None and features is None and not r["latents"]:
             print(f"no image produced for {r['prompt']!r} (the model did not emit <im_start>)")
     for f in images + latent_files + [path]:
         print(f"wrote {f}")

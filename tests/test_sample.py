@@ -133,8 +133,8 @@ def test_understanding_from_an_image_and_from_a_latent(dirs, tmp_path, capsys):
     m = manifest(tmp_path / "img")
     assert len(m["results"][0]["token_ids"]) == 5 and m["input_image"].endswith("red.png") and "text:" in out
     save_file({"latent": torch.randn(256, 32)}, tmp_path / "lat.safetensors")
-    run(capsys, dirs, "--latent", str(tmp_path / "lat.safetensors"), "--prompt", "Describe it.", "--max-new-tokens", "5",
-        "--output-dir", str(tmp_path / "lat"), model="chat")
+    run(capsys, dirs, "--latent", str(tmp_path / "lat.safetensors"), "--prompt", "Describe it.", "--max-new-tokens-qa",
+        "5", "--output-dir", str(tmp_path / "lat"), model="chat")
     assert len(manifest(tmp_path / "lat")["results"][0]["token_ids"]) == 5
     # --latent alone decodes it.
     run(capsys, dirs, "--latent", str(tmp_path / "lat.safetensors"), "--output-dir", str(tmp_path / "dec"))
@@ -265,10 +265,3 @@ def test_missing_weights_and_bad_checkpoints_are_one_clear_message(dirs, tmp_pat
     out = run(capsys, dirs, "--prompt", "x", "--model-path", str(bad), ok=False)
     assert out.startswith("error:") and "missing (1): diff_head_projector.bias" in out
 
-
-def test_a_config_of_another_model_type_is_refused(tmp_path):
-    from model import ScaleRAEConfig
-    from weights import WeightsError
-    ScaleRAEConfig.from_official(official_config(tmp_path))
-    with pytest.raises(WeightsError, match="model_type='llama' \\(supported: 'qwen2'\\)"):
-        ScaleRAEConfig.from_official(official_config(tmp_path, model_type="llama"))
