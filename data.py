@@ -61,9 +61,9 @@ def encode_conversation(tokenizer, conversations, has_image, max_len, image_toke
     sample too long is Skip("too_long")); Skip("malformed") or Skip("too_many_images") for what cannot be read."""
     try:  # official field names from/value; role/content are read too, as official
         turns = [(t.get("from", t.get("role")), t.get("value", t.get("content"))) for t in conversations]
+        turns = [(ROLES.get(role, role), content) for role, content in turns]  # a list or dict role: TypeError
     except (AttributeError, TypeError):
         raise Skip("malformed", "conversations must be a list of {from, value} objects") from None
-    turns = [(ROLES.get(role, role), content) for role, content in turns]
     if not turns or any(not isinstance(r, str) or not isinstance(c, str) for r, c in turns):
         raise Skip("malformed", "empty conversation or a turn without a role/text")
     if has_image and not any(IMAGE_PLACEHOLDER in c for _, c in turns):

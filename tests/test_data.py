@@ -122,6 +122,9 @@ def test_image_without_placeholder_goes_first_and_first_non_human_turn_is_droppe
     assert e.value.reason == "malformed"
     ids2, _, _ = encode_conversation(tok, lead, False, 400)
     assert ids2 == encode_conversation(tok, chat("Describe.", "A cat."), False, 400)[0]
+    for role in (["human"], {"human": 1}):  # an unhashable role is a malformed record, not a crash of the run
+        with pytest.raises(data.Skip, match="list of {from, value}"):
+            encode_conversation(tok, [{"from": role, "value": "Hi."}], False, 400)
 
 
 def test_length_limits(tok):
