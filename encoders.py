@@ -14,9 +14,8 @@ roundings (pixels in, and SigLIP's LayerNorm or DINO's output).
 """
 
 import io
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from weights import WeightsError, from_dict, load_strict, read_config, read_safetensors, resolve, save_safetensors
+from weights import WeightsError, caster, from_dict, load_strict, read_config, read_safetensors, resolve
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}  # transformers' names
 
@@ -64,12 +63,6 @@ class Dinov2Config:  # defaults are transformers' Dinov2Config defaults
     qkv_bias: bool = True
     use_swiglu_ffn: bool = False
     num_register_tokens: int = 0  # > 0 only for model_type `dinov2_with_registers`
-
-
-# The toy encoder (toy.py; the released ones come with their config.json): 64 px in patches of 8 -> 8 x 8 = 64
-# tokens, so that every stage trains on a CPU; 96 channels are enough to keep the shapes of a patch's 192 pixel values.
-ENCODER_PRESETS = {"toy": SiglipVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                                             num_attention_heads=4, image_size=64, patch_size=8)}
 
 
 def num_tokens(cfg):
@@ -267,28 +260,6 @@ class SigLIP2Encoder(Encoder):
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = named(layers=nn.ModuleList(SiglipLayer(cfg) for _ in range(cfg.num_hidden_layers)))
 
-    @torch.no_grad()
-    def init_weights(self):
-        """SigLIP's own initialization (transformers' SiglipPreTrainedModel), for an encoder trained or used from
-        scratch (the toy encoder). Unlike PyTorch's defaults (positions ~ N(0, 1)), image content, not position,
-        dominates the tokens: positions ~ N(0, 1/C), LeCun-normal patches, Xavier-uniform projections."""
-        emb = self.embeddings
-        nn.init.normal_(emb.position_embedding.weight, std=self.hidden_size ** -0.5)
-        fan_in = emb.patch_embedding.weight[0].numel()
-        nn.init.trunc_normal_(emb.patch_embedding.weight, std=fan_in ** -0.5 / 0.87962566103423978)  # lecun_normal
-        nn.init.zeros_(emb.patch_embedding.bias)
-        for layer in self.encoder.layers:
-            a, m = layer.self_attn, layer.mlp
-            for linear in (a.q_proj, a.k_proj, a.v_proj, a.out_proj, m.fc1, m.fc2):
-                nn.init.xavier_uniform_(linear.weight)
-            for linear in (a.q_proj, a.k_proj, a.v_proj, a.out_proj):
-                nn.init.zeros_(linear.bias)
-            for linear in (m.fc1, m.fc2):
-                nn.init.normal_(linear.bias, std=1e-6)
-            for norm in (layer.layer_norm1, layer.layer_norm2):
-                norm.reset_parameters()
-        return self
-
     @staticmethod
     def read_config(config, folder, image_size=None):
         cfg = from_dict(SiglipVisionConfig, config.get("vision_config", {}))  # the text tower's config is not read
@@ -298,20 +269,6 @@ class SigLIP2Encoder(Encoder):
         if processing.size != (cfg.image_size, cfg.image_size):
             raise WeightsError(f"{folder}: preprocessor size {processing.size} != the model's {cfg.image_size}")
         return cfg, processing
-
-    def save_pretrained(self, folder):
-        """Write the Hub layout this class loads (a vision-only SigLIP checkpoint): used for the toy encoder."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors({self.prefix + k: v for k, v in self.state_dict().items()}, folder / "model.safetensors",
-                         metadata={"format": "pt"})
-        p = self.processing
-        (folder / "preprocessor_config.json").write_text(json.dumps(dict(
-            image_processor_type="SiglipImageProcessor", do_resize=True, size=dict(height=p.size[0], width=p.size[1]),
-            resample=p.resample, do_rescale=True, rescale_factor=p.rescale_factor, do_normalize=True,
-            image_mean=list(p.image_mean), image_std=list(p.image_std)), indent=2))
-        (folder / "config.json").write_text(json.dumps(dict(architectures=["SiglipModel"], model_type="siglip",
-                                                            vision_config=asdict(self.config)), indent=2))
 
     def encode(self, pixels, official=False):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents
         x = self.embeddings(self.check(pixels, official))
@@ -438,6 +395,6 @@ def load_encoder(path_or_repo, dtype=torch.float32, device="cpu", image_size=Non
     cls, cfg, processing = read_encoder_config(folder, image_size)
     with torch.device("meta"):
         encoder = cls(cfg, processing, tokens)
-    sd = read_safetensors(folder, prefix=cls.prefix, keep=cls.keep)
+    sd = read_safetensors(folder, prefix=cls.prefix, keep=cls.keep, cast=caster(encoder, dtype, device))
     sd.pop("embeddings.mask_token", None)  # DINOv2's masked-image-modeling token: pre-training only
     return load_strict(encoder, sd, f"{cls.__name__} weights in {folder}", dtype, device).requires_grad_(False)

@@ -1,4 +1,5 @@
-"""The toy world: synthetic captioned shapes, rendered on the toy encoder's token grid, and their analyzer.
+"""The toy world: synthetic captioned shapes, rendered on the toy encoder's token grid, their analyzer, and the toy's
+tokenizer and encoder.
 
 A dataset that needs no download, in the official JSONL format (data.py reads it like any other), with generation
 samples ("Can you generate two small red circles on the left?") and understanding samples (image + question -> one
@@ -15,10 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from tokenizers import AddedToken, pre_tokenizers, trainers
+from torch import nn
 
-from tokenizer import IMAGE_PLACEHOLDER
-from weights import write_atomic
+from encoders import SiglipVisionConfig
+from tokenizer import IMAGE_PLACEHOLDER, SPECIAL_TOKENS, Tokenizer, build_bpe
+from weights import save_safetensors, write_atomic
 
 
 SHAPES = ("circle", "square", "triangle")
@@ -177,6 +182,72 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
         lines.append(json.dumps(dict(image=f"images/sample_{i:06d}.png", **record)))
     write_atomic(folder / "data.jsonl", ("\n".join(lines) + "\n").encode())
     return folder / "data.jsonl"
+
+
+# ---- The toy's tokenizer and encoder (toy.py) ----
+
+def train_tokenizer(texts, vocab_size):
+    """Qwen2's byte-level BPE (tokenizer.build_bpe) trained on `texts`, then SPECIAL_TOKENS (ids vocab_size - 5 ...,
+    after the BPE as in Qwen), so the chat template and `Tokenizer` work unchanged. Exactly vocab_size tokens, or
+    ValueError when the texts have too few distinct pairs to merge. Special tokens and <image> are cut out of the
+    texts first: they must never become merges."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size} < {256 + len(SPECIAL_TOKENS)} (256 bytes + the special tokens)")
+    cut = re.compile("|".join(map(re.escape, SPECIAL_TOKENS + (IMAGE_PLACEHOLDER,))))
+    tok = build_bpe({}, [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((piece for text in texts for piece in cut.split(text) if piece), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    if tok.get_vocab_size() != vocab_size:
+        raise ValueError(f"the texts support only {tok.get_vocab_size()} tokens (256 bytes, "
+                         f"{tok.get_vocab_size() - 256 - len(SPECIAL_TOKENS)} merges, {len(SPECIAL_TOKENS)} special); "
+                         f"ask for at most that, or give more varied texts")
+    return Tokenizer(tok)
+
+
+# The toy encoder: 64 px in patches of 8 -> GRID x GRID = 64 tokens, so that every stage trains on a CPU; 96 channels
+# are enough to keep the shapes of a patch's 192 pixel values.
+TOY_ENCODER = SiglipVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=64, patch_size=8)
+
+
+@torch.no_grad()
+def init_siglip(encoder):
+    """SigLIP's own initialization (transformers' SiglipPreTrainedModel) of a SigLIP2Encoder used from scratch. Unlike
+    PyTorch's defaults (positions ~ N(0, 1)), it lets image content, not position, dominate the tokens: positions
+    ~ N(0, 1/C), LeCun-normal patches, Xavier-uniform projections."""
+    emb = encoder.embeddings
+    nn.init.normal_(emb.position_embedding.weight, std=encoder.hidden_size ** -0.5)
+    fan_in = emb.patch_embedding.weight[0].numel()
+    nn.init.trunc_normal_(emb.patch_embedding.weight, std=fan_in ** -0.5 / 0.87962566103423978)  # lecun_normal
+    nn.init.zeros_(emb.patch_embedding.bias)
+    for layer in encoder.encoder.layers:
+        a, m = layer.self_attn, layer.mlp
+        for linear in (a.q_proj, a.k_proj, a.v_proj, a.out_proj, m.fc1, m.fc2):
+            nn.init.xavier_uniform_(linear.weight)
+        for linear in (a.q_proj, a.k_proj, a.v_proj, a.out_proj):
+            nn.init.zeros_(linear.bias)
+        for linear in (m.fc1, m.fc2):
+            nn.init.normal_(linear.bias, std=1e-6)
+        for norm in (layer.layer_norm1, layer.layer_norm2):
+            norm.reset_parameters()
+    return encoder
+
+
+def save_siglip(encoder, folder):
+    """Write a SigLIP2Encoder in the Hub layout load_encoder reads (a vision-only SigLIP checkpoint)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors({encoder.prefix + k: v for k, v in encoder.state_dict().items()}, folder / "model.safetensors",
+                     metadata={"format": "pt"})
+    p = encoder.processing
+    (folder / "preprocessor_config.json").write_text(json.dumps(dict(
+        image_processor_type="SiglipImageProcessor", do_resize=True, size=dict(height=p.size[0], width=p.size[1]),
+        resample=p.resample, do_rescale=True, rescale_factor=p.rescale_factor, do_normalize=True,
+        image_mean=list(p.image_mean), image_std=list(p.image_std)), indent=2))
+    (folder / "config.json").write_text(json.dumps(dict(architectures=["SiglipModel"], model_type="siglip",
+                                                        vision_config=asdict(encoder.config)), indent=2))
 
 
 # Analyzer: the attributes a shapes image shows, read back deterministically. TOY_HOLDOUT: the (color, shape) pairs

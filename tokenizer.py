@@ -11,10 +11,9 @@ checkpoints' tokenizer_config.json carries Qwen2.5's own default system prompt, 
 """
 
 import json
-import re
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -79,28 +78,6 @@ def read_merges(path):
         a, b = line.split(" ")
         merges.append((a, b))
     return merges
-
-
-def train_tokenizer(texts, vocab_size):
-    """A small tokenizer for toy models: Qwen2's byte-level BPE (build_bpe's normalizer, pre-tokenizer and decoder)
-    trained on `texts`, followed by the five special tokens, so the chat template and `Tokenizer` work unchanged.
-
-    The vocabulary is the 256 byte symbols, then merges, then SPECIAL_TOKENS (ids vocab_size - 5 ..., as Qwen puts
-    its added tokens after the BPE); exactly vocab_size tokens, or ValueError when the texts have too few distinct
-    pairs to merge. Special tokens and <image> are cut out of the texts first: they must never become BPE merges."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size {vocab_size} < {256 + len(SPECIAL_TOKENS)} (256 bytes + the special tokens)")
-    cut = re.compile("|".join(map(re.escape, SPECIAL_TOKENS + (IMAGE_PLACEHOLDER,))))
-    tok = build_bpe({}, [])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((piece for text in texts for piece in cut.split(text) if piece), trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    if tok.get_vocab_size() != vocab_size:
-        raise ValueError(f"the texts support only {tok.get_vocab_size()} tokens (256 bytes, "
-                         f"{tok.get_vocab_size() - 256 - len(SPECIAL_TOKENS)} merges, {len(SPECIAL_TOKENS)} special); "
-                         f"ask for at most that, or give more varied texts")
-    return Tokenizer(tok)
 
 
 class Tokenizer:

@@ -26,9 +26,9 @@ import dit
 import model
 import rae
 from data import encode_conversation
-from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder
-from shapes import TOY_HOLDOUT, write_shapes_dataset
-from tokenizer import chat_prompt, train_tokenizer
+from encoders import ImageProcessing, SigLIP2Encoder
+from shapes import TOY_ENCODER, TOY_HOLDOUT, init_siglip, save_siglip, train_tokenizer, write_shapes_dataset
+from tokenizer import chat_prompt
 
 ROOT = Path(__file__).parent
 # --size tiny: the toy presets' shapes at a fraction of their width and depth (same encoder, so the same latents)
@@ -114,9 +114,8 @@ tokenizer = train_tokenizer(texts + [chat_prompt("")], args.vocab)
 tokenizer.save(out / "tokenizer")
 # 3. encoder: random, frozen
 torch.manual_seed(args.seed)
-encoder = SigLIP2Encoder(ENCODER_PRESETS["toy"], ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2))
-encoder.init_weights()  # SigLIP's init: image content, not the position embedding, dominates the tokens
-encoder.save_pretrained(out / "encoder")
+encoder = init_siglip(SigLIP2Encoder(TOY_ENCODER, ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2)))
+save_siglip(encoder, out / "encoder")
 if args.seq_len is None:  # a smaller vocabulary means longer prompts; a sample longer than L would be skipped
     records = [json.loads(line) for p in (jsonl, jsonl2) for line in open(p)]
     longest = max(len(encode_conversation(tokenizer, r["conversations"], True, 1 << 30, encoder.num_tokens)[0])

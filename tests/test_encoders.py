@@ -218,10 +218,11 @@ def test_unsupported_encoders_are_refused(tiny_siglip_dir, tmp_path):
 
 def test_toy_encoder_saves_the_hub_layout_and_loads_back(tmp_path):
     """The toy SigLIP encoder is written in the layout load_encoder reads, and gives 8 x 8 tokens at 64 px."""
-    from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder, load_encoder
+    from encoders import ImageProcessing, SigLIP2Encoder, load_encoder
+    from shapes import TOY_ENCODER, save_siglip
     torch.manual_seed(0)
-    enc = SigLIP2Encoder(ENCODER_PRESETS["toy"], ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2)).eval()
-    enc.save_pretrained(tmp_path)
+    enc = SigLIP2Encoder(TOY_ENCODER, ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2)).eval()
+    save_siglip(enc, tmp_path)
     back = load_encoder(tmp_path)
     images = [synthetic_image(80, 50, seed=s) for s in range(2)]
     assert torch.equal(back.preprocess(images), enc.preprocess(images))
@@ -235,8 +236,8 @@ def test_siglip_init_lets_image_content_dominate_the_toy_tokens():
     the tokens of differently colored squares are further apart, so the toy latents carry the colors."""
     import random
 
-    from shapes import COLORS, Shapes, render_shapes
-    from encoders import ENCODER_PRESETS, ImageProcessing, SigLIP2Encoder
+    from encoders import ImageProcessing, SigLIP2Encoder
+    from shapes import COLORS, TOY_ENCODER, Shapes, init_siglip, render_shapes
     images = [render_shapes(Shapes("square", c, 1, "large", "center"), random.Random(0), 64)[0] for c in COLORS]
 
     def color_similarity(enc):  # mean cosine between the centre tokens of the six colors
@@ -246,8 +247,8 @@ def test_siglip_init_lets_image_content_dominate_the_toy_tokens():
 
     def encoder(init):
         torch.manual_seed(0)
-        enc = SigLIP2Encoder(ENCODER_PRESETS["toy"], ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2))
-        return enc.init_weights() if init else enc
+        enc = SigLIP2Encoder(TOY_ENCODER, ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2))
+        return init_siglip(enc) if init else enc
 
     siglip, default = encoder(True), encoder(False)
     pos = siglip.embeddings.position_embedding.weight

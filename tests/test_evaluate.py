@@ -19,8 +19,8 @@ import data
 import evaluate
 import shapes
 from shapes import (TOY_HOLDOUT, Shapes, analyze_shapes, connected_components, read_answer, render_shapes,
-                  shapes_question, shapes_sample)
-from tokenizer import IMAGE_PLACEHOLDER, SPECIAL_TOKENS, Tokenizer, chat_prompt, train_tokenizer, turn
+                    shapes_question, shapes_sample, train_tokenizer)
+from tokenizer import IMAGE_PLACEHOLDER, SPECIAL_TOKENS, Tokenizer, chat_prompt, turn
 
 ATTRIBUTES = ("color", "shape", "position", "count", "size")
 

@@ -27,9 +27,9 @@ import pytest
 import torch
 
 from helpers import write_shapes
-from shapes import write_shapes_dataset
+from shapes import save_siglip, train_tokenizer, write_shapes_dataset
 from encoders import ImageProcessing, SigLIP2Encoder, SiglipVisionConfig
-from tokenizer import Tokenizer, chat_prompt, train_tokenizer
+from tokenizer import Tokenizer, chat_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_XLA = importlib.util.find_spec("torch_xla") is not None
@@ -66,7 +66,7 @@ def make_assets(root):
     torch.manual_seed(0)
     cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                              image_size=32, patch_size=4)
-    SigLIP2Encoder(cfg, ImageProcessing((32, 32), (0.5,) * 3, (0.5,) * 3, resample=2)).save_pretrained(root / "encoder")
+    save_siglip(SigLIP2Encoder(cfg, ImageProcessing((32, 32), (0.5,) * 3, (0.5,) * 3, resample=2)), root / "encoder")
     return dict(data=str(jsonl), wds=str(paths["wds"]), data2=str(jsonl2), tokenizer=str(root / "tokenizer"),
                 encoder=str(root / "encoder"))
 
@@ -195,7 +195,7 @@ def test_stage2_overfits_new_images_from_the_stage1_export(assets, stage1, tmp_p
 def test_stage2_refuses_an_encoder_its_model_was_not_trained_on(assets, stage1, tmp_path):
     cfg = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                              image_size=32, patch_size=4)
-    SigLIP2Encoder(cfg, ImageProcessing((32, 32), (0.5,) * 3, (0.5,) * 3)).save_pretrained(tmp_path / "encoder16")
+    save_siglip(SigLIP2Encoder(cfg, ImageProcessing((32, 32), (0.5,) * 3, (0.5,) * 3)), tmp_path / "encoder16")
     run = refused(dict(assets, encoder=str(tmp_path / "encoder16")), tmp_path / "stage2", "2", 10, "--init",
                   stage1 / "export")
     assert run.returncode == 2 and "64 tokens of 16 channels" in run.stderr and "64 of 32" in run.stderr, run.stderr
