@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from dit import DIT_PRESETS, DiffusionHead, DiTConfig, RMSNorm, initial_noise
 from rae import RELEASED_ENCODERS, RAE
 from tokenizer import IMAGE_TOKEN, Tokenizer, chat_prompt
-from weights import WeightsError, from_dict, load_strict, read_config, read_safetensors, resolve, save_safetensors, write_folder
+from weights import WeightsError, caster, from_dict, load_strict, read_config, read_safetensors, resolve, save_safetensors, write_folder
 
 
 @dataclass
@@ -245,7 +245,7 @@ class Qwen2ForCausalLM(nn.Module):
         cfg = cls.config_class.from_official(read_config(folder))
         with torch.device("meta"):
             model = cls(cfg)
-        sd = read_safetensors(folder, keep=cls.checkpoint_keys)
+        sd = read_safetensors(folder, keep=cls.checkpoint_keys, cast=caster(model, dtype, device))
         if cfg.tie_word_embeddings:
             sd.pop("lm_head.weight", None)  # tied: the official save drops it, and transformers re-ties it anyway
         return load_strict(model, sd, f"{cls.__name__} weights in {folder}", dtype, device)

@@ -166,8 +166,8 @@ class RAE:
     """A frozen encoder paired with its pixel decoder, each loaded only when needed: drawing an image needs only the
     decoder, reading one only the encoder (loaded on first use, with the keyword arguments of load_encoder)."""
 
-    def __init__(self, decoder: RAEDecoder = None, encoder=None, decoder_path=None, device="cpu", encoder_args=None):
-        self.decoder, self._encoder, self.device, self.encoder_args = decoder, encoder, device, encoder_args or {}
+    def __init__(self, decoder: RAEDecoder = None, decoder_path=None, device="cpu", encoder_args=None):
+        self.decoder, self._encoder, self.device, self.encoder_args = decoder, None, device, encoder_args or {}
         self.encoder_path, self.decoder_path = self.encoder_args.get("path_or_repo"), decoder_path  # for manifests
 
     @classmethod
@@ -183,13 +183,11 @@ class RAE:
             processing = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))[2]
             decoder = load_decoder(decoder_path, processing.image_mean, processing.image_std, dtype, device)
         encoder_args = dict(path_or_repo=encoder_path, dtype=dtype, device=encoder_device or device) | encoder_args
-        return cls(decoder, None, decoder_path, device, encoder_args)
+        return cls(decoder, decoder_path, device, encoder_args)
 
     @property
     def encoder(self):
         if self._encoder is None:
-            if self.encoder_path is None:
-                raise ValueError("this RAE was built without an encoder (pass encoder= or path_or_repo=)")
             try:
                 self._encoder = load_encoder(**self.encoder_args)
             except WeightsError as e:

@@ -39,12 +39,9 @@ def resolve(path_or_repo, allow_patterns=None):
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise WeightsError(f"{name!r} is neither a local folder nor a Hub repo id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
     try:
         return Path(snapshot_download(name, allow_patterns=allow_patterns))
-    except HFValidationError as e:
-        raise WeightsError(f"{name!r} is not a valid Hub repo id: {e}") from None
-    except Exception as e:  # offline, unknown repo, gated repo, ...: one readable line instead of a traceback wall
+    except Exception as e:  # offline, unknown/gated/invalid repo, ...: one readable line instead of a traceback wall
         raise WeightsError(f"could not get {name!r} from the Hugging Face Hub ({type(e).__name__}: "
                            f"{(str(e) or ' ').splitlines()[0]}); download it with network access (`huggingface-cli "
                            f"download {name}`) or pass its local folder") from None
@@ -86,11 +83,12 @@ def safetensors_files(folder):
     return files
 
 
-def read_safetensors(folder, prefix="", keep=None):
+def read_safetensors(folder, prefix="", keep=None, cast=lambda name, tensor: tensor):
     """{name: tensor} of the tensors whose name starts with `prefix` (stripped), memory-mapped on the CPU.
 
     `keep`, a tuple of name prefixes (after stripping), selects a part of a larger checkpoint. Only the selected
     tensors are read, so loading `vision_model.` from a full SigLIP checkpoint never touches the text tower.
+    `cast` (see caster) converts each tensor as it is read, so a load holds one mapped shard at a time in host memory.
     """
     out = {}
     for f in safetensors_files(folder):
@@ -99,7 +97,7 @@ def read_safetensors(folder, prefix="", keep=None):
                 for k in st.keys():
                     name = k[len(prefix):]
                     if k.startswith(prefix) and (keep is None or name.startswith(keep)):
-                        out[name] = st.get_tensor(k)
+                        out[name] = cast(name, st.get_tensor(k))
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{f} is corrupt or truncated ({e}); delete it and download it again") from None
     return out
@@ -156,15 +154,25 @@ def save_safetensors(state_dict, path, metadata=None):
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def caster(module, dtype=None, device="cpu"):
+    """(name, tensor) -> the tensor as `module` holds it, on `device`: parameters in `dtype` (default: the module's);
+    floating persistent buffers are fixed tables (positions, rotation angles), kept in float32 so that a bfloat16 model
+    keeps exact angles."""
+    params = dict(module.named_parameters())
+
+    def cast(name, t):
+        keep = (dtype or params[name].dtype) if name in params else torch.float32
+        return t.to(device, keep if t.is_floating_point() else t.dtype)
+    return cast
+
+
 def load_strict(module: nn.Module, state_dict, what, dtype=None, device="cpu", harmless=()):
     """Load `state_dict` into `module` (built on `meta`) with assign=True after checking every key; returns the module
     on `device`, in eval mode.
 
     Keys in `harmless` (tensors the model does not use, such as MAE's `mask_token`) are dropped with a one-line note.
-    Non-persistent buffers (tables the module computes itself) are not in the file and keep their own values.
-    Parameters are cast to `dtype` (default: the module's); floating persistent buffers are fixed tables (positions,
-    rotation angles), kept in float32 so that a bfloat16 model keeps exact angles. Each tensor is cast and moved on its
-    own, so a load to an accelerator holds at most one memory-mapped shard in host memory, never the whole model.
+    Non-persistent buffers (tables the module computes itself) are not in the file and keep their own values; the
+    others are cast by caster(module, dtype, device).
     """
     extra = [k for k in harmless if state_dict.pop(k, None) is not None]
     if extra:
@@ -179,10 +187,9 @@ def load_strict(module: nn.Module, state_dict, what, dtype=None, device="cpu", h
             return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "") if items else ""
         raise WeightsError(f"{what} does not match the model" + show("missing", missing)
                            + show("unexpected", unexpected) + show("wrong shape", mismatched))
-    params = dict(module.named_parameters())
-    for k, v in state_dict.items():  # in place: the file's copy of a tensor is dropped as soon as it is cast
-        keep = (dtype or expected[k].dtype) if k in params else torch.float32
-        state_dict[k] = v.to(device, keep if v.is_floating_point() else v.dtype)
+    cast = caster(module, dtype, device)
+    for k, v in state_dict.items():  # in place (a no-op for what read_safetensors cast), one tensor at a time
+        state_dict[k] = cast(k, v)
     module.load_state_dict(state_dict, strict=False, assign=True)
     meta = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if meta:
