@@ -7,12 +7,11 @@ word). The analyzer reads the attributes back from any image deterministically (
 score generated images GenEval-style. Used by toy.py, evaluate.py and the tests; the core never imports it.
 """
 
-import io
 import json
 import random
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,8 @@ BACKGROUNDS = {"white": (250, 250, 250), "light gray": (218, 218, 218), "pale bl
 POSITIONS = ("left", "right", "top", "bottom", "center")
 SIZES = ("small", "large")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(COUNT_WORDS.values()), "position": POSITIONS,
+           "size": SIZES}
 
 ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78), "center": (0.5, 0.5)}
 # Shapes sit on a GRID x GRID grid of cells, the toy encoder's 8 x 8 tokens: a small shape fills a cell, a large one
@@ -42,7 +43,6 @@ ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "botto
 # of one: few enough token contents for a toy DiT to learn (README, "Toy recipe").
 GRID = 8
 SIZE_CELLS = {"small": 1, "large": 2}
-SIZE_FRACTION = {s: n / GRID for s, n in SIZE_CELLS.items()}  # side / image side, as the analyzer reads it
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
          "center": "in the center"}
 REQUESTS = ("Can you generate a photo of {}?", "Generate an image of {}.", "Please draw {}.", "Show me {}.",
@@ -84,10 +84,6 @@ def generation_answer(s):
     return f"Here {'is' if s.count == 1 else 'are'} {describe(s)}:\n{IMAGE_PLACEHOLDER}"
 
 
-ANSWERS = {"color": tuple(COLORS), "shape": SHAPES, "count": tuple(COUNT_WORDS.values()), "position": POSITIONS,
-           "size": SIZES}
-
-
 def shapes_question(s, attribute, phrasing=0):
     """(question, answer) about attribute `attribute` of Shapes `s`, worded as in the training data."""
     one = s.count == 1
@@ -108,8 +104,7 @@ def random_shapes(rng, holdout=()):
             break
     if rng.random() < 0.5:
         return s
-    return Shapes(s.shape, s.color, s.count, s.size, s.position, tuple(rng.sample(list(BACKGROUNDS), 2)),
-                  rng.choice(("vertical", "horizontal")))
+    return replace(s, background=tuple(rng.sample(list(BACKGROUNDS), 2)), split=rng.choice(("vertical", "horizontal")))
 
 
 def layout(s):
@@ -129,10 +124,9 @@ def render_shapes(s, rng, image_size=224):
     W, cell = 2 * image_size, 2 * image_size / GRID
     img = Image.new("RGB", (W, W), BACKGROUNDS[s.background[0]])
     draw = ImageDraw.Draw(img)
-    if s.split == "vertical":
-        draw.rectangle((rng.randint(3, 5) * cell, 0, W, W), fill=BACKGROUNDS[s.background[1]])
-    elif s.split == "horizontal":
-        draw.rectangle((0, rng.randint(3, 5) * cell, W, W), fill=BACKGROUNDS[s.background[1]])
+    if s.split:
+        edge = rng.randint(3, 5) * cell
+        draw.rectangle((edge, 0, W, W) if s.split == "vertical" else (0, edge, W, W), fill=BACKGROUNDS[s.background[1]])
     side = SIZE_CELLS[s.size] * cell
     boxes = []
     for cx0, cy0 in layout(s):
@@ -176,15 +170,11 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
     lines = []
     for i in range(n):
         record, image = shapes_sample(seed, i, image_size, understanding_fraction, holdout)
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        write_atomic(folder / "images" / f"sample_{i:06d}.png", buf.getvalue())
+        write_atomic(folder / "images" / f"sample_{i:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
         lines.append(json.dumps(dict(image=f"images/sample_{i:06d}.png", **record)))
     write_atomic(folder / "data.jsonl", ("\n".join(lines) + "\n").encode())
     return folder / "data.jsonl"
 
-
-# ---- The toy's tokenizer and encoder (toy.py) ----
 
 def train_tokenizer(texts, vocab_size):
     """Qwen2's byte-level BPE (tokenizer.build_bpe) trained on `texts`, then SPECIAL_TOKENS (ids vocab_size - 5 ...,
@@ -214,9 +204,9 @@ TOY_ENCODER = SiglipVisionConfig(hidden_size=96, intermediate_size=192, num_hidd
 
 @torch.no_grad()
 def init_siglip(encoder):
-    """SigLIP's own initialization (transformers' SiglipPreTrainedModel) of a SigLIP2Encoder used from scratch. Unlike
-    PyTorch's defaults (positions ~ N(0, 1)), it lets image content, not position, dominate the tokens: positions
-    ~ N(0, 1/C), LeCun-normal patches, Xavier-uniform projections."""
+    """SigLIP's own initialization (transformers' SiglipPreTrainedModel) of a new SigLIP2Encoder (its LayerNorms are
+    already 1 and 0). Unlike PyTorch's defaults (positions ~ N(0, 1)), it lets image content, not position, dominate
+    the tokens: positions ~ N(0, 1/C), LeCun-normal patches, Xavier-uniform projections."""
     emb = encoder.embeddings
     nn.init.normal_(emb.position_embedding.weight, std=encoder.hidden_size ** -0.5)
     fan_in = emb.patch_embedding.weight[0].numel()
@@ -230,8 +220,6 @@ def init_siglip(encoder):
             nn.init.zeros_(linear.bias)
         for linear in (m.fc1, m.fc2):
             nn.init.normal_(linear.bias, std=1e-6)
-        for norm in (layer.layer_norm1, layer.layer_norm2):
-            norm.reset_parameters()
     return encoder
 
 
@@ -303,22 +291,12 @@ def blend(pixels, color):
     return np.take_along_axis(a, best, -1)[..., 0], np.take_along_axis(residual, best, -1)[..., 0]
 
 
-def _dilate(m):  # a boolean mask grown by one pixel (4-neighbours)
-    p = np.pad(m, 1)
-    return m | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
-
-
-def shape_class(fill):
-    """circle, square or triangle from the fraction of its bounding box a shape fills."""
-    return "triangle" if fill < FILL_TRIANGLE else "circle" if fill < FILL_SQUARE else "square"
-
-
 def analyze_shapes(image):
     """dict(color, shape, position, count, size) of a shapes image, None where unreadable (no shapes: count 0); from
     48 px, through blur, noise and stray pixels. color: the shape color whose blends with the backgrounds best fit
     most pixels nearest a shape color; the 4-connected components of those, minus noise, are the shapes (count);
     each is measured on its sub-pixel coverage: shape by fill = area / (width x height), majority vote; position: the
-    anchor nearest the mean center; size: the SIZE_FRACTION nearest the median side."""
+    anchor nearest the mean center; size: the size whose SIZE_CELLS / GRID is nearest the median side."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     h, w = pixels.shape[:2]
     nearest = ((PALETTE ** 2).sum(-1) - 2 * pixels @ PALETTE.T).argmin(-1)  # (H, W) nearest palette entry
@@ -339,12 +317,16 @@ def analyze_shapes(image):
     votes, centers, sides = Counter(), [], []
     for k in keep:
         component = labels == k
-        a = np.where(_dilate(component) & ~(mask & ~component), alpha, 0)  # never another shape's pixels
+        p = np.pad(component, 1)
+        grown = component | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]  # by a pixel (4-neighbours)
+        a = np.where(grown & ~(mask & ~component), alpha, 0)  # never another shape's pixels
         if not a.any():  # a shape of another color (generated images): measured on its own pixels
             a = component.astype(np.float32)
         cols, rows = a.max(0), a.max(1)
         width, height = cols.sum(), rows.sum()
-        votes[shape_class(a.sum() / (width * height))] += 1 + a.sum() / (h * w)  # a vote per shape; area breaks ties
+        fill = a.sum() / (width * height)
+        shape = "triangle" if fill < FILL_TRIANGLE else "circle" if fill < FILL_SQUARE else "square"
+        votes[shape] += 1 + a.sum() / (h * w)  # a vote per shape; area breaks ties
         xs, ys = np.arange(w), np.arange(h)
         centers.append((((cols * xs).sum() / width + 0.5) / w, ((rows * ys).sum() / height + 0.5) / h))
         sides.append((width / w + height / h) / 2)
@@ -352,7 +334,7 @@ def analyze_shapes(image):
     cx, cy = np.mean(centers, 0)
     out["position"] = min(ANCHORS, key=lambda p: (ANCHORS[p][0] - cx) ** 2 + (ANCHORS[p][1] - cy) ** 2)
     side = float(np.median(sides))
-    out["size"] = min(SIZE_FRACTION, key=lambda s: abs(SIZE_FRACTION[s] - side))
+    out["size"] = min(SIZE_CELLS, key=lambda s: abs(SIZE_CELLS[s] / GRID - side))
     return out
 
 
