@@ -152,13 +152,12 @@ def shapes_sample(seed, index, image_size=224, understanding_fraction=0.5, holdo
     if rng.random() < understanding_fraction:
         attr = rng.choice(list(QUESTIONS))
         question, answer = shapes_question(s, attr, rng.randrange(len(QUESTIONS[attr])))
-        conversations = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
-                         {"from": "gpt", "value": answer}]
+        human = f"{IMAGE_PLACEHOLDER}\n{question}"
         meta.update(task="understanding", question=attr, answer=answer)
     else:
-        conversations = [{"from": "human", "value": generation_prompt(s, rng.randrange(len(REQUESTS)))},
-                         {"from": "gpt", "value": generation_answer(s)}]
+        human, answer = generation_prompt(s, rng.randrange(len(REQUESTS))), generation_answer(s)
         meta.update(task="generation")
+    conversations = [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
     return dict(conversations=conversations, metadata=meta), image
 
 
@@ -170,8 +169,9 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
     lines = []
     for i in range(n):
         record, image = shapes_sample(seed, i, image_size, understanding_fraction, holdout)
-        write_atomic(folder / "images" / f"sample_{i:06d}.png", lambda tmp: image.save(tmp, format="PNG"))
-        lines.append(json.dumps(dict(image=f"images/sample_{i:06d}.png", **record)))
+        name = f"images/sample_{i:06d}.png"
+        write_atomic(folder / name, lambda tmp: image.save(tmp, format="PNG"))
+        lines.append(json.dumps(dict(image=name, **record)))
     write_atomic(folder / "data.jsonl", ("\n".join(lines) + "\n").encode())
     return folder / "data.jsonl"
 
