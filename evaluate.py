@@ -102,40 +102,35 @@ def score(shapes, image):
     return found, right
 
 
-def accuracy(rows, keys):
-    """{n, key: mean of row["right"][key]} (None for an empty set)."""
-    return dict(n=len(rows), **{k: float(np.mean([r["right"][k] for r in rows])) if rows else None for k in keys})
-
-
 def summarize(samples, real, generated):
-    """The numbers of the JSON file from the scored rows."""
-    gen = {split: accuracy([r for r in samples if r["split"] == split], ("image",) + ATTRIBUTES + ("overall",))
-           for split in ("seen", "held-out")}
-    gen["all"] = accuracy(samples, ("image",) + ATTRIBUTES + ("overall",))
+    """The numbers of the JSON file from the scored rows: fractions right (None for no rows)."""
+    def right(rows, key):
+        return float(np.mean([r["right"][key] for r in rows])) if rows else None
+
+    gen = {}
+    for split in ("seen", "held-out", "all"):
+        rows = [r for r in samples if split in (r["split"], "all")]
+        gen[split] = dict(n=len(rows), **{k: right(rows, k) for k in ("image",) + ATTRIBUTES + ("overall",)})
     understanding = {}
     for name, rows in (("real", real), ("generated", generated)):
-        u = accuracy(rows, ("answer",))
-        u["accuracy"] = u.pop("answer")
-        u.update({a: accuracy([r for r in rows if r["attribute"] == a], ("answer",))["answer"] for a in QUESTIONS})
-        understanding[name] = u
-    agree = [r["right"]["analyzer"] for r in generated if r["right"]["analyzer"] is not None]
-    understanding["generated"]["agrees_with_analyzer"] = float(np.mean(agree)) if agree else None
+        understanding[name] = dict(n=len(rows), accuracy=right(rows, "answer"),
+                                   **{a: right([r for r in rows if r["attribute"] == a], "answer") for a in QUESTIONS})
+    agree = [r for r in generated if r["right"]["analyzer"] is not None]
+    understanding["generated"]["agrees_with_analyzer"] = right(agree, "analyzer")
     return dict(generation=gen, understanding=understanding)
 
 
 def format_table(summary, header=""):
     pct = lambda v: "   -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
-    gen_keys = ("image",) + SCORED + ("overall", "size")
-    lines = [header, "generation   " + "     n" + "".join(f"{k:>9}" for k in gen_keys)]
-    for split, row in summary["generation"].items():
-        lines.append(f"{split:<13}{row['n']:>6}" + "".join(f"{pct(row[k]):>9}" for k in gen_keys))
-    und_keys = ("accuracy",) + tuple(QUESTIONS)
-    lines += ["", "understanding" + "     n" + "".join(f"{k:>9}" for k in und_keys)]
-    for name, row in summary["understanding"].items():
-        lines.append(f"{name:<13}{row['n']:>6}" + "".join(f"{pct(row[k]):>9}" for k in und_keys))
+    tables = []
+    for table, keys in (("generation", ("image",) + SCORED + ("overall", "size")),
+                        ("understanding", ("accuracy",) + tuple(QUESTIONS))):
+        tables.append("\n".join([f"{table:<13}     n" + "".join(f"{k:>9}" for k in keys)] +
+                                [f"{name:<13}{row['n']:>6}" + "".join(f"{pct(row[k]):>9}" for k in keys)
+                                 for name, row in summary[table].items()]))
     agree = summary["understanding"]["generated"]["agrees_with_analyzer"]
-    lines.append(f"answers about generated images that agree with the analyzer: {pct(agree).strip()}")
-    return "\n".join(lines)
+    return "\n".join([header, "\n\n".join(tables),
+                      f"answers about generated images that agree with the analyzer: {pct(agree).strip()}"])
 
 
 def wrap(text, font, width):
