@@ -7,10 +7,9 @@ official towers compute (scale_rae/model/multimodal_encoder/): for SigLIP the LA
 `post_layernorm`, then a LayerNorm without weight and bias (eps 1e-6; post_layernorm and the pooling head are neither
 run nor loaded); for DINOv2 the final LayerNorm output without the CLS (and register) tokens.
 Parameter names are transformers', so the Hub checkpoints load with no renaming. Preprocessing reproduces the slow
-transformers image processors (PIL resize on uint8, rescale in float64, normalize in float32). As the official DINO
-tower (`...-res448-interp256`), DINOv2 runs at any resolution (its position table resized bicubically, as transformers
-4.37) and its token grid is resized bilinearly to the model's; `encode(..., official=True)` adds the official bf16
-roundings (pixels in, and SigLIP's LayerNorm or DINO's output).
+transformers image processors (PIL resize on uint8, rescale in float64, normalize in float32). DINOv2 also runs at
+another resolution with its token grid resized to the model's (official `-res448-interp256`); `official=True` adds the
+official bf16 roundings.
 """
 
 import io
@@ -264,10 +263,9 @@ class SigLIP2Encoder(Encoder):
     def read_config(config, folder, image_size=None):
         cfg = from_dict(SiglipVisionConfig, config.get("vision_config", {}))  # the text tower's config is not read
         processing = ImageProcessing.from_file(folder)  # direct resize to the file's (height, width)
-        if image_size not in (None, cfg.image_size):
-            raise WeightsError(f"{folder}: SigLIP runs at its own {cfg.image_size} px only, not {image_size}")
-        if processing.size != (cfg.image_size, cfg.image_size):
-            raise WeightsError(f"{folder}: preprocessor size {processing.size} != the model's {cfg.image_size}")
+        if processing.size != (cfg.image_size, cfg.image_size) or image_size not in (None, cfg.image_size):
+            raise WeightsError(f"{folder}: SigLIP runs at its own {cfg.image_size} px only (preprocessor size "
+                               f"{processing.size}, asked for {image_size})")
         return cfg, processing
 
     def encode(self, pixels, official=False):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents

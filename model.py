@@ -478,9 +478,8 @@ class ScaleRAE(Qwen2ForCausalLM):
         for p, i in zip(prompts, ids):
             if len(i) > trained:
                 warnings.warn(f"prompt {p[:40]!r}... is {len(i)} tokens, longer than the {trained} positions the model "
-                              f"was trained on; expect a poor answer" + (" (cut there, as official)" if official and
-                                                                         with_image else ""))
-        ids = [i[:trained] for i in ids] if official and with_image else ids
+                              f"was trained on; expect a poor answer")
+        ids = [i[:trained] for i in ids] if official and with_image else ids  # the official cut (ours warns only)
         n = batch_size or len(ids)
         return [r for i in range(0, len(ids), n) for r in self.generate(
             ids[i:i + n], {tokenizer.chat_end}, tokenizer.image_start,

@@ -73,7 +73,7 @@ def parse_args(argv=None):
     args.prompts = ([args.prompt] if args.prompt is not None else []) + (
         read_prompts(p, args.prompts_file) if args.prompts_file else [])
     args.action = args.action or (None if not args.latent else "qa" if args.prompts else "decode")
-    a, action = args, args.action
+    a, action, post_qa = args, args.action, args.post_qa_prompt is not None or args.post_qa_template_path
     for bad, message in [  # each rule: (the input breaks it, what to tell the user)
         (command == "t2i" and (not a.prompts or a.image or a.latent), "t2i needs --prompt (and no --image/--latent)"),
         (command == "img" and not (a.image and a.prompts), "img needs --image and --prompt"),
@@ -89,6 +89,9 @@ def parse_args(argv=None):
         (a.cfg_interval and a.cfg_interval[0] > a.cfg_interval[1], f"--cfg-interval needs LO <= HI, got {a.cfg_interval}"),
         (a.official and a.dtype == "bfloat16", "--official runs in float32, as the official CLI: drop --dtype bfloat16"),
         (a.post_qa_prompt is not None and a.post_qa_template_path, "--post-qa-prompt and --post-qa-template-path are exclusive"),
+        (post_qa and (a.image or a.latent), "post-QA follows text-to-image (not --image/--latent)"),
+        (post_qa and a.post_qa_mode == "image" and a.skip_decoder, "--post-qa-mode image reads the decoded image: drop "
+                                                                  "--skip-decoder, or use --post-qa-mode latent"),
     ]:
         if bad:
             p.error(message)
@@ -100,10 +103,8 @@ def parse_args(argv=None):
             args.post_qa_prompt = Path(args.post_qa_template_path).read_text(encoding="utf-8")
     except (OSError, ValueError) as e:
         p.error(str(e))
-    if args.post_qa_prompt is not None and (not args.post_qa_prompt.strip() or args.image or args.latent):
-        p.error("post-QA needs a non-empty prompt and follows text-to-image (not --image/--latent)")
-    if args.post_qa_prompt and args.post_qa_mode == "image" and args.skip_decoder:
-        p.error("--post-qa-mode image reads the decoded image: drop --skip-decoder, or use --post-qa-mode latent")
+    if post_qa and not args.post_qa_prompt.strip():
+        p.error("empty post-QA prompt")
     if args.official and args.guidance_level != 1.0:
         print("--official: guidance set to 1.0, as the official guidance has no effect")
         args.guidance_level = 1.0
