@@ -347,13 +347,13 @@ class DiffusionHead(nn.Module):
         return (v.float() - (noise - x0).float()).pow(2).mean(dim=(1, 2, 3))
 
     @torch.no_grad()
-    def sample(self, y, noise, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None):
+    def sample(self, y, noise, steps=None, cfg_scale=1.0, cfg_interval=None):
         """Integrate dx/dt = v from the noise (t ≈ 1) to data. y (B, T, Z), noise (B, C, n, n) -> latents (B, T, C) fp32.
 
         steps: None, the official 49-evaluation schedule; N, plain Euler from t = 1 to 0 on the same shifted grid.
         cfg_scale s > 1: real classifier-free guidance v = v_u + s·(v_c - v_u) with the learned null condition, in one
         batch of 2B (the official CLI's guidance is a no-op: diffloss.py infer), only where lo <= t <= hi for
-        cfg_interval (lo, hi). progress() is called after each evaluation; the loop never reads a device value.
+        cfg_interval (lo, hi). The loop never reads a device value.
         """
         cfg = self.config
         B = noise.shape[0]
@@ -382,6 +382,4 @@ class DiffusionHead(nn.Module):
             else:
                 v = self.model(x, t_curr[i].expand(B), y).float()
             x = x + dt[i] * v
-            if progress is not None:
-                progress()
         return x.permute(0, 2, 3, 1).reshape(B, cfg.tokens, cfg.in_channels)

@@ -486,15 +486,14 @@ class ScaleRAE(Qwen2ForCausalLM):
             None if image_features is None else image_features[i:i + n], max_new_tokens, official)]
 
     @torch.no_grad()
-    def sample_latents(self, conditions, seeds, steps=None, cfg_scale=1.0, cfg_interval=None, progress=None,
-                       batch_size=None):
+    def sample_latents(self, conditions, seeds, steps=None, cfg_scale=1.0, cfg_interval=None, batch_size=None):
         """DiT sampling, batch_size images at a time: conditions (N, 256, Z) -> latents (N, 256, C) float32; image i
         starts from seed seeds[i], so a batch reproduces single-image results."""
         n = batch_size or len(seeds)
         return torch.cat([self.diff_head.sample(
             conditions[i:i + n], initial_noise(seeds[i:i + n], self.config.dit.in_channels, conditions.device,
                                                size=self.config.dit.input_size),
-            steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval, progress=progress)
+            steps=steps, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
             for i in range(0, len(seeds), n)])
 
     checkpoint_keys = None  # every key of the file belongs to the model

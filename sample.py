@@ -8,7 +8,7 @@
 
 Pipeline: model.load_pipeline -> ScaleRAE.chat (Qwen2.5 with a KV cache; <im_start> + 256 latent queries -> DiT
 condition) -> ScaleRAE.sample_latents (rectified flow) -> RAE decoder -> PNG. The official CLI's subcommands, flags and
-defaults; `--official` reproduces its numerics bit for bit. Where we differ on purpose: README, "Sampling".
+defaults; `--official` reproduces its numerics. Where we differ on purpose: README, "Sampling".
 """
 
 import argparse
@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dit import official_timesteps
 from encoders import load_image
 from model import at_least, available_device, load_pipeline
 from weights import WeightsError, check_writable, write_atomic
@@ -37,35 +36,28 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="text prompt (request-style works best: 'Can you generate a photo of ...?')")
     p.add_argument("--prompts-file", help="one prompt per line, or JSONL with a 'prompt' field")
     p.add_argument("--model-path", default=DEFAULT_MODEL, help="Hub id or local folder of a Scale-RAE checkpoint")
-    p.add_argument("--decoder-repo", help="Hub id or local folder of the RAE decoder (default: the one released "
-                                          "for the model's encoder, or the checkpoint's own decoder/)")
-    p.add_argument("--encoder-path", help="Hub id or local folder of the encoder, read only for --image and "
-                                          "--post-qa-mode image (default: the one the model names)")
+    p.add_argument("--decoder-repo", help="RAE decoder (default: the checkpoint's decoder/, or its encoder's release)")
+    p.add_argument("--encoder-path", help="encoder, read for --image and --post-qa-mode image (default: the model's)")
     p.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=42, help="image i uses seed + i (default 42)")
     p.add_argument("--num-images", type=at_least(1, hi=10_000), default=1, help="images per prompt")
-    p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0,
-                   help="classifier-free guidance scale; 1.0 = off (official default), > 1 = real CFG")
-    p.add_argument("--cfg-interval", type=at_least(0, float, hi=1), nargs=2, metavar=("LO", "HI"),
-                   help="apply guidance only for t in [LO, HI] (t = 1 is noise)")
+    p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0, help="1 = off")
+    p.add_argument("--cfg-interval", type=at_least(0, float, hi=1), nargs=2, metavar=("LO", "HI"), help="t = 1 is noise")
     p.add_argument("--steps", type=at_least(1), help="Euler steps (default: the official 49-evaluation schedule)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=512)
     p.add_argument("--batch-size", type=at_least(1), default=8, help="prompts per LLM batch and images per DiT batch")
     p.add_argument("--device", type=available_device, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--official", action="store_true", help="the official numerics, bit for bit: float32, the encoder "
-                   "on the CPU, its bf16 roundings of pixels, features and multimodal prompts (guidance is a no-op)")
+    p.add_argument("--official", action="store_true", help="the official numerics (float32, bf16 roundings; README)")
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--save-latent", action="store_true", help="also save each latent (safetensors, key 'latent')")
     p.add_argument("--skip-decoder", action="store_true", help="no decoder, no PNG: save the latents instead")
     p.add_argument("--image", help="understanding: answer --prompt about this image")
     p.add_argument("--latent", help="a saved latent (.safetensors, or an official .pt) to decode or ask about")
-    p.add_argument("--action", choices=["decode", "qa", "continue"], help="for --latent: decode it (default without "
-                   "--prompt), answer --prompt about it (default with one), or continue (an image drawn is kept)")
+    p.add_argument("--action", choices=["decode", "qa", "continue"], help="for --latent (default: qa with a --prompt)")
     p.add_argument("--max-new-tokens-qa", type=at_least(1), default=64, help="answer length of --action qa/continue")
     p.add_argument("--post-qa-prompt", help="after text-to-image, ask the model this about each image it drew")
     p.add_argument("--post-qa-template-path", help="a file holding the post-QA prompt (official qa_prompt_template.txt)")
-    p.add_argument("--post-qa-mode", choices=["latent", "image"], default="latent",
-                   help="post-QA reads the latent itself (no decoder) or the decoded image (re-encoded)")
+    p.add_argument("--post-qa-mode", choices=["latent", "image"], default="latent", help="what post-QA reads")
     p.add_argument("--post-qa-max-new-tokens", type=at_least(1), default=64)
     args = p.parse_args(argv)
 
@@ -159,18 +151,6 @@ def write_new(folder, stem, suffix, write):
     raise RuntimeError(f"no free file name for {stem}{suffix} in {folder}")
 
 
-def progress(total, label):
-    """A progress callback that draws a bar on stderr when it is a terminal (and does nothing otherwise)."""
-    done = [0]
-
-    def update():
-        done[0] += 1
-        if sys.stderr.isatty():
-            bar = "#" * (30 * done[0] // total)
-            sys.stderr.write(f"\r{label} [{bar:.<30}] {done[0]}/{total}" + ("\n" if done[0] == total else ""))
-    return update
-
-
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -208,11 +188,9 @@ def main(argv=None):
     drawn = [r for r in results if r["cond"] is not None and args.action != "qa" for _ in range(args.num_images)]
     if drawn:
         t1 = time.perf_counter()
-        steps = args.steps or len(official_timesteps()[0])
         seeds = [args.seed + i for i in range(len(drawn))]
         latents = model.sample_latents(torch.stack([r["cond"] for r in drawn]), seeds, args.steps, args.guidance_level,
-                                       args.cfg_interval, progress(steps * -(-len(drawn) // args.batch_size), "DiT"),
-                                       args.batch_size)
+                                       args.cfg_interval, args.batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize()
         print(f"DiT: {len(drawn)} image(s) in {time.perf_counter() - t1:.2f}s")
