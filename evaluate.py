@@ -3,18 +3,16 @@ attribute combinations, and understanding accuracy on real and generated images.
 
     python evaluate.py --model-path toy --num-prompts 100 --seed 0 --grid eval.png --json eval.json
 
-Generation: half the prompts ask for a (color, shape) pair the toy model saw in training, half for one of
-shapes.TOY_HOLDOUT (compositional generalization); one image each through the real pipeline (prompt i from seed + i),
-read back by the deterministic analyzer (shapes.analyze_shapes); "overall" needs color, shape, position and count
-right, and no image is wrong on everything. Understanding: the training data's questions about rendered images
-(through the encoder) and about each generated latent fed back as image features (scored against the prompt, and
-against what the analyzer reads). Output: a table; --json every number and sample; --grid a PNG of the samples.
+Half the prompts ask for a (color, shape) pair seen in training, half for one of shapes.TOY_HOLDOUT; each image is
+read back by shapes.analyze_shapes ("overall": color, shape, position and count right). Understanding: the training
+questions about rendered images, and about each generated latent fed back (README, "Toy recipe").
 """
 
 import argparse
 import json
 import random
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -36,8 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--decoder-repo", help="RAE decoder (default: the checkpoint's decoder/ or its encoder's)")
     p.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=0, help="of the prompts, questions and noise")
     p.add_argument("--num-prompts", type=at_least(1), default=100, help="generation prompts (half seen, half held-out)")
-    p.add_argument("--num-questions", type=at_least(0), help="questions about real images (default: --num-prompts; "
-                                                             "0: none, and the encoder is never loaded)")
+    p.add_argument("--num-questions", type=at_least(0), help="about real images (default: --num-prompts; 0: no encoder)")
     p.add_argument("--steps", type=at_least(1), help="Euler steps (default: the official 49-evaluation schedule)")
     p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0)
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="per answer, and before an image opens")
@@ -133,17 +130,6 @@ def format_table(summary, header=""):
                       f"answers about generated images that agree with the analyzer: {pct(agree).strip()}"])
 
 
-def wrap(text, font, width):
-    """Lines of `text` no wider than `width` pixels in `font` (words are never split)."""
-    lines = []
-    for word in text.split():
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] += f" {word}"
-        else:
-            lines.append(word)
-    return lines
-
-
 def save_grid(path, samples, columns=8, cell=160, text_lines=5):
     """A PNG grid: each sample's image (gray when there is none) with its prompt below, then the verdict: green when
     all scored attributes are right, else red with the wrong ones listed."""
@@ -160,9 +146,9 @@ def save_grid(path, samples, columns=8, cell=160, text_lines=5):
         resample = Image.NEAREST if image.width < side else Image.LANCZOS
         grid.paste(image.resize((side, side), resample), (x + pad, y + pad))
         wrong = [k for k in SCORED if not r["right"][k]]
-        verdict = wrap(f"{r['split']}: " + ("no image" if r["image"] is None else "wrong " + ", ".join(wrong)
-                                            if wrong else "ok"), font, side)
-        prompt = wrap(r["prompt"], font, side)[:text_lines - len(verdict)]
+        verdict = textwrap.wrap(f"{r['split']}: " + ("no image" if r["image"] is None else "wrong " + ", ".join(wrong)
+                                                     if wrong else "ok"), side // 6)  # ~6 px a character
+        prompt = textwrap.wrap(r["prompt"], side // 6)[:text_lines - len(verdict)]
         for j, line in enumerate(prompt + verdict):
             fill = (0, 0, 0) if j < len(prompt) else (200, 0, 0) if wrong else (0, 140, 0)
             draw.text((x + pad, y + cell + j * line_h), line, fill=fill, font=font)
@@ -222,8 +208,7 @@ def main(argv=None):
             said = read_answer(text, q["attribute"])
             q.update(text=text, right=dict(answer=said == q["answer"],
                                            analyzer=None if q["analyzer"] is None else said == q["analyzer"]))
-    print(f"understanding: {len(real)} questions about real images, {len(generated)} about generated ones in "
-          f"{time.perf_counter() - t0:.1f}s")
+    print(f"understanding: {len(real)} real and {len(generated)} generated images in {time.perf_counter() - t0:.1f}s")
 
     summary = summarize(samples, real, generated)
     print(format_table(summary, f"{args.model_path}: seed {args.seed}, held-out (color, shape) pairs "

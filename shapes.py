@@ -1,10 +1,9 @@
 """The toy world: synthetic captioned shapes, rendered on the toy encoder's token grid, their analyzer, and the toy's
 tokenizer and encoder.
 
-A dataset that needs no download, in the official JSONL format (data.py reads it like any other), with generation
-samples ("Can you generate two small red circles on the left?") and understanding samples (image + question -> one
-word). The analyzer reads the attributes back from any image deterministically (no learning), so evaluate.py can
-score generated images GenEval-style. Used by toy.py, evaluate.py and the tests; the core never imports it.
+A dataset with no download in the official JSONL format: generation samples ("Can you generate two small red circles
+on the left?") and understanding ones (image + question -> one word). The analyzer reads the attributes back from
+any image without learning, so evaluate.py scores generated images GenEval-style. The core never imports this file.
 """
 
 import json
@@ -196,8 +195,7 @@ def train_tokenizer(texts, vocab_size):
     return Tokenizer(tok)
 
 
-# The toy encoder: 64 px in patches of 8 -> GRID x GRID = 64 tokens, so that every stage trains on a CPU; 96 channels
-# are enough to keep the shapes of a patch's 192 pixel values.
+# The toy encoder: 64 px in patches of 8 -> GRID x GRID tokens (every stage trains on a CPU) of 96 channels.
 TOY_ENCODER = SiglipVisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                                  image_size=64, patch_size=8)
 

@@ -3,39 +3,26 @@
     python toy.py --out runs/toy                  # data, tokenizer, encoder, decoder, stage 1, stage 2, evaluation
     python toy.py --out runs/toy --ship toy       # ... then copy the trained model into the repository's toy/
 
-1. data: synthetic captioned shapes (shapes.py, 64 px, official JSONL), generation and understanding samples mixed,
-   never a (color, shape) pair of TOY_HOLDOUT; 2. a byte-level BPE trained on the captions; 3. the frozen encoder, a
-   SigLIP-architecture ViT at SigLIP's random init (8 x 8 tokens of 96 channels); 4-6. train_tpu.py --stage decoder,
-   1 and 2; 7. evaluate.py. The scripts run in this interpreter (with --xla, each in its own: torch_xla reads its
-   environment when it starts). --size tiny shrinks the LLM, DiT and decoder further, for the tests.
+Shapes data (shapes.py), a BPE trained on its captions, a frozen SigLIP-architecture encoder at SigLIP's random
+init, then train_tpu.py --stage decoder, 1 and 2 and evaluate.py, run in this interpreter. README, "Toy recipe".
 """
 
 import argparse
 import json
-import os
 import runpy
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import dit
-import model
-import rae
 from data import encode_conversation
 from encoders import ImageProcessing, SigLIP2Encoder
 from shapes import TOY_ENCODER, TOY_HOLDOUT, init_siglip, save_siglip, train_tokenizer, write_shapes_dataset
 from tokenizer import chat_prompt
 
 ROOT = Path(__file__).parent
-# --size tiny: the toy presets' shapes at a fraction of their width and depth (same encoder, so the same latents)
-TINY = (model.QwenConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,  # LLM, DiT, decoder
-                         num_attention_heads=2, num_key_value_heads=1, rope_theta=10000.0, initializer_range=64 ** -0.5),
-        dit.DiTConfig(hidden_size=64, depth=2, num_heads=2, in_channels=96, z_channels=64, input_size=8),
-        rae.DecoderConfig(64, 1, 2, 128, patch_size=8, image_size=64))
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--out", required=True, help="run folder (created; an existing one is refused)")
@@ -55,13 +42,9 @@ parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of eve
 parser.add_argument("--stage2-lr", type=float, help="default: --lr / 2")
 parser.add_argument("--eval-prompts", type=int, default=100, help="held-out prompts (and questions) to evaluate")
 parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--xla", action="store_true", help="train through torch_xla's CPU runtime (8 virtual devices)")
-parser.add_argument("--size", choices=["toy", "tiny"], default="toy", help="toy: the shipped model's presets; tiny: "
-                    "TINY, for tests")
+parser.add_argument("--presets", default="toy", help="the LLM, DiT and decoder presets (the tests register smaller ones)")
 parser.add_argument("--log-every", type=int, default=50, help="training log interval in steps")
 args = parser.parse_args()
-if args.size == "tiny" and args.xla:
-    parser.error("--size tiny registers its presets in this interpreter; --xla runs the stages in their own")
 
 out = Path(args.out)
 if out.exists():
@@ -73,11 +56,8 @@ t0 = time.time()
 
 
 def run(script, *argv):
-    """`python script argv`, in this interpreter (with --xla, in its own)."""
+    """`python script argv`, in this interpreter."""
     print("$ python", script, *argv, flush=True)
-    if args.xla:
-        env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="8")
-        return subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], env=env, check=True)
     saved, sys.argv = sys.argv, [script, *map(str, argv)]
     try:
         runpy.run_path(str(ROOT / script), run_name="__main__")
@@ -88,16 +68,11 @@ def run(script, *argv):
         sys.argv = saved
 
 
-sizes = {"1": (), "2": (), "decoder": ()}
-if args.size == "tiny":  # registered under the names train_tpu.py's --llm, --dit and --decoder look up
-    model.QWEN_PRESETS["toy-tiny"], dit.DIT_PRESETS["toy-tiny"], rae.DECODER_PRESETS["toy-tiny"] = TINY
-    sizes.update({"1": ("--llm", "toy-tiny", "--dit", "toy-tiny"), "decoder": ("--decoder", "toy-tiny")})
-
-
 def train(stage, run_name, batch_size, *extra):
     """One train_tpu.py stage; toy activations are small, so nothing is recomputed."""
-    run("train_tpu.py", "--preset", "toy", *sizes[stage], "--stage", stage, "--out", out / run_name,
-        "--backend", "xla" if args.xla else "torch", "--batch-size", batch_size, "--seed", args.seed,
+    presets = {"1": ("--llm", args.presets, "--dit", args.presets), "decoder": ("--decoder", args.presets)}
+    run("train_tpu.py", "--preset", "toy", *presets.get(stage, ()), "--stage", stage, "--out", out / run_name,
+        "--backend", "torch", "--batch-size", batch_size, "--seed", args.seed,
         "--save-every", 100000, "--no-grad-ckpt", *extra)
     print(f"  {stage} done at {time.time() - t0:.0f}s", flush=True)
     return out / run_name / "export"
@@ -140,9 +115,8 @@ print(f"toy recipe done in {time.time() - t0:.0f}s", flush=True)
 
 if args.ship:
     ship = Path(args.ship)
-    shutil.copytree(stage2, ship)
-    shutil.copytree(out / "encoder", ship / "encoder")
-    shutil.copytree(decoder, ship / "decoder")
+    for src, dst in ((stage2, ship), (out / "encoder", ship / "encoder"), (decoder, ship / "decoder")):
+        shutil.copytree(src, dst)
     cfg = json.loads((ship / "config.json").read_text())
     cfg["mm_vision_tower_aux_list"] = ["encoder"]  # relative to the model folder: the checkpoint ships its encoder
     (ship / "config.json").write_text(json.dumps(cfg, indent=2))

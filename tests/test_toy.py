@@ -48,15 +48,21 @@ def falls(log, window):
     return mean(log[s] for s in steps[:window]), mean(log[s] for s in steps[-window:])
 
 
+# The toy presets' shapes at a fraction of their width and depth (the same encoder, so the same latents): LLM, DiT,
+# decoder, registered in this interpreter for toy.py --presets toy-tiny.
+TINY = (model.QwenConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, rope_theta=10000.0, initializer_range=64 ** -0.5),
+        dit.DiTConfig(hidden_size=64, depth=2, num_heads=2, in_channels=96, z_channels=64, input_size=8),
+        rae.DecoderConfig(64, 1, 2, 128, patch_size=8, image_size=64))
 # The budgeted recipe: tiny presets in this interpreter, 160 samples, 20 decoder steps, 50 stage-1 and 15 stage-2
 # steps of 8 samples.
-SMALL_RECIPE = ["--size", "tiny", "--samples", 160, "--stage2-samples", 40, "--decoder-steps", 20,
+SMALL_RECIPE = ["--presets", "toy-tiny", "--samples", 160, "--stage2-samples", 40, "--decoder-steps", 20,
                 "--stage1-steps", 50, "--stage2-steps", 15, "--batch-size", 8, "--stage2-lr", "1e-3",
                 "--eval-prompts", 10, "--log-every", 1]
 
 
 def test_small_toy_recipe_learns(tmp_path, monkeypatch):
-    """Every stage of toy.py on a test's budget (about 10 s on 2 CPU cores: --size tiny, 160 samples;
+    """Every stage of toy.py on a test's budget (about 10 s on 2 CPU cores: TINY presets, 160 samples;
     20 decoder, 50 stage-1 and 15 stage-2 steps), then its evaluation: each training stage lowers its own loss
     clearly, and the evaluation of the trained model runs to the end. Measured (means of the first and last steps):
     decoder L1 + MSE 0.58 -> 0.11 (5 steps), stage-1 CE 4.6 -> 0.96 and diffusion 1.77 -> 0.95 (10 steps), stage-2
@@ -66,8 +72,8 @@ def test_small_toy_recipe_learns(tmp_path, monkeypatch):
     and smaller batches stayed at chance), so that proof is test_toy_recipe_understands_held_out_images, run with
     SCALE_RAE_SLOW_TESTS=1."""
     monkeypatch.chdir(tmp_path)
-    for module, name in ((model, "QWEN_PRESETS"), (dit, "DIT_PRESETS"), (rae, "DECODER_PRESETS")):
-        monkeypatch.setattr(module, name, dict(getattr(module, name)))  # toy.py registers its tiny presets here
+    for (module, name), preset in zip(((model, "QWEN_PRESETS"), (dit, "DIT_PRESETS"), (rae, "DECODER_PRESETS")), TINY):
+        monkeypatch.setitem(getattr(module, name), "toy-tiny", preset)  # what train_tpu.py's --llm, --dit, --decoder read
     run_here(ROOT / "toy.py", ["--out", tmp_path / "run", *SMALL_RECIPE], monkeypatch)
     run = tmp_path / "run"
     first, last = falls(logged(run / "decoder", "loss"), 5)
