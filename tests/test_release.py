@@ -148,6 +148,29 @@ def test_layouts_load_as_written(release):
         assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.float()) for k, v in on_disk.items())
 
 
+def test_each_tensor_is_converted_as_it_is_read(release, monkeypatch):
+    """Loading fp32 files into bfloat16 never keeps the file's copies: each tensor is converted as it is read (while
+    its shard is mapped), so no earlier file tensor is alive when the next one is read."""
+    import weakref
+
+    import model
+    alive, real = [], model.caster
+
+    def tracking(module, dtype=None, device="cpu"):
+        cast = real(module, dtype, device)
+
+        def track(name, tensor):
+            assert not [r for r in alive if r() is not None], "a file tensor outlived its conversion"
+            converted = cast(name, tensor)
+            if converted is not tensor:  # the fp32 tables (positions, RoPE) are kept as read
+                alive.append(weakref.ref(tensor))
+            return converted
+        return track
+    monkeypatch.setattr(model, "caster", tracking)
+    loaded = ScaleRAE.from_pretrained(release["siglip_fp32"], dtype=torch.bfloat16)
+    assert len(alive) > 0.9 * len(loaded.state_dict()) and loaded.lm_head.weight.dtype == torch.bfloat16
+
+
 def test_reading_an_image_without_the_encoder_names_what_to_download(release, tmp_path, capsys):
     from PIL import Image
     Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "g.png")
