@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 QWEN_ADDED_TOKENS = 22  # Qwen2.5's added tokens, ids 151643..151664 (<|endoftext|> ... <|file_sep|>)
 SCALE_RAE_TOKENS = ("<im_start>", "<im_end>")  # added by the official initialize_vision_tokenizer: 151665, 151666
 
@@ -42,6 +44,17 @@ def write_scale_rae_tokenizer(folder):
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (folder / "added_tokens.json").write_text(json.dumps({t["content"]: int(i) for i, t in decoder.items()}, indent=2))
     return folder
+
+
+def opens_an_image_first(model, image_start):
+    """Make <im_start> (id image_start) a Scale-RAE model's first answer token for any prompt, in place: a large
+    constant in coordinate 0 of every input embedding, the only coordinate the final norm keeps, read most strongly by
+    image_start's row of the (tied or untied) head."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.model.norm.weight.zero_()[0] = 1.0
+        model.lm_head_weight[image_start, 0] += 1.0  # tied: the largest of the 10s; untied: of small random values
+    return model
 
 
 def write_shapes(folder, n, seed=0, image_size=224, samples_per_tar=1000, **kw):

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import data
 import evaluate
+from helpers import opens_an_image_first
 import shapes
 from shapes import (TOY_HOLDOUT, Shapes, analyze_shapes, connected_components, read_answer, render_shapes,
                     shapes_question, shapes_sample, train_tokenizer)
@@ -237,10 +238,7 @@ def checkpoint(tmp_path_factory, tiny_siglip_dir, toy_tok):
     with torch.no_grad():
         for p in model.diff_head.parameters():
             p.normal_(0, 0.05)
-        model.model.embed_tokens.weight[:, 0] = 10.0
-        model.model.norm.weight.zero_()[0] = 1.0
-        model.lm_head.weight[:, 0] = -1.0
-        model.lm_head.weight[toy_tok.image_start, 0] = 1.0
+    opens_an_image_first(model, toy_tok.image_start)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
     toy_tok.save(folder)
     return folder

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import sample
+from helpers import opens_an_image_first
 from encoders import load_encoder
 from model import ScaleRAE, ScaleRAEConfig
 from rae import RELEASED_ENCODERS, DecoderConfig, RAEDecoder
@@ -45,10 +46,8 @@ def write_release(folder, encoder, shards=1, dtype=torch.float32, tied=True, alw
     with torch.no_grad():
         for p in model.diff_head.parameters():
             p.normal_(0, 0.05)
-        if always_image:  # <im_start> is the first answer token for any prompt (as in test_sample.py)
-            model.model.embed_tokens.weight[:, 0] = 10.0
-            model.model.norm.weight.zero_()[0] = 1.0
-            model.lm_head_weight[IM_START, 0] += 1.0  # tied: the largest of the 10s; untied: of small random values
+    if always_image:
+        opens_an_image_first(model, IM_START)
     sd = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     if shards == 1:
         save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})

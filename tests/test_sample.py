@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
-from helpers import write_scale_rae_tokenizer
+from helpers import opens_an_image_first, write_scale_rae_tokenizer
 from model import ScaleRAE
 from rae import RAE
 from weights import save_safetensors, write_atomic
@@ -61,11 +61,8 @@ def write_model(folder, encoder_dir, always_image):
         for p in model.diff_head.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.05)
-        if always_image:
-            model.model.embed_tokens.weight[:, 0] = 10.0
-            model.model.norm.weight.zero_()[0] = 1.0
-            model.lm_head.weight[:, 0] = -1.0
-            model.lm_head.weight[IM_START, 0] = 1.0
+    if always_image:
+        opens_an_image_first(model, IM_START)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
