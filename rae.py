@@ -189,13 +189,14 @@ class RAE:
     def encoder(self):
         if self._encoder is None:
             try:
-                self._encoder = load_encoder(**self.encoder_args)
+                encoder = load_encoder(**self.encoder_args)
             except WeightsError as e:
                 raise WeightsError(f"reading an image needs the encoder {self.encoder_path}: {e}") from None
-            stats = (tuple(self._encoder.image_mean), tuple(self._encoder.image_std))
+            stats = (tuple(encoder.image_mean), tuple(encoder.image_std))
             if self.decoder is not None and stats != (self.decoder.image_mean, self.decoder.image_std):
                 raise WeightsError(f"the encoder {self.encoder_path} normalizes pixels with mean, std = {stats}, but "
                                    f"the decoder de-normalizes with {self.decoder.image_mean, self.decoder.image_std}")
+            self._encoder = encoder
         return self._encoder
 
     @torch.no_grad()

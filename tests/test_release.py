@@ -179,6 +179,16 @@ def test_reading_an_image_without_the_encoder_names_what_to_download(release, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_an_encoder_that_does_not_match_the_decoders_statistics_is_refused(release):
+    """The table's statistics are checked against the encoder's preprocessor_config.json when it loads."""
+    from rae import RAE, load_decoder
+    rae = RAE(load_decoder(release["siglip_decoder"], *RELEASED_ENCODERS[SIGLIP][1:]),
+              encoder_args=dict(path_or_repo=release["dino_encoder"]))
+    with pytest.raises(WeightsError, match=r"normalizes pixels with mean, std = \(\(0.485"):
+        rae.encoder
+    assert RAE(None, encoder_args=dict(path_or_repo=release["dino_encoder"])).encoder.hidden_size == 1024
+
+
 @pytest.mark.parametrize("model,encoder", [("chat", "siglip_encoder"), ("dino", "dino_encoder")])
 def test_img_reads_an_image_with_a_local_encoder(model, encoder, release, tmp_path, capsys):
     from PIL import Image
