@@ -6,9 +6,8 @@
     python sample.py latent --latent x_latent.pt --action qa --prompt "Describe it."    # or --action decode/continue
     python sample.py --prompt "..." --post-qa-prompt "Does the image match the prompt?" # the model checks its image
 
-Pipeline: model.load_pipeline -> ScaleRAE.chat (Qwen2.5 with a KV cache; <im_start> + 256 latent queries -> DiT
-condition) -> ScaleRAE.sample_latents (rectified flow) -> RAE decoder -> PNG. The official CLI's subcommands, flags and
-defaults; `--official` reproduces its numerics. Where we differ on purpose: README, "Sampling".
+Pipeline: model.load_pipeline -> ScaleRAE.chat (Qwen2.5, KV cache; <im_start> + 256 latent queries -> DiT condition)
+-> sample_latents (rectified flow) -> RAE decoder -> PNG. The official CLI's commands; deliberate differences: README.
 """
 
 import argparse
@@ -153,6 +152,7 @@ def write_new(folder, stem, suffix, write):
 
 def main(argv=None):
     args = parse_args(argv)
+    torch.backends.cudnn.deterministic = args.official  # as the official CLI's set_seed (PyTorch's default is False)
     t0 = time.perf_counter()
     try:  # the decoder is loaded only for the paths that decode
         model, tokenizer, rae = load_pipeline(args.model_path, False if args.skip_decoder or args.action == "qa" else
