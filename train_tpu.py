@@ -319,9 +319,9 @@ def flops_per_sample():
         fwd = 2 * sum(p.numel() for p in model.parameters()) * T
         fwd += 4 * c.decoder_num_hidden_layers * T * T * c.decoder_hidden_size
     else:
-        L = args.seq_len  # LLM layers, the LM head (tied to the embedding) and attention, then the DiT
+        L = args.seq_len  # LLM layers, the LM head (tied to the embedding) and attention, then the DiT K times
         fwd = 2 * L * (sum(p.numel() for p in model.model.layers.parameters()) + c.vocab_size * c.hidden_size)
-        fwd += 4 * c.num_hidden_layers * L * L * c.hidden_size + dit_flops(c.dit)
+        fwd += 4 * c.num_hidden_layers * L * L * c.hidden_size + dit_flops(c.dit) * args.diffusion_timesteps_per_sample
     return flops + 3 * fwd
 
 
