@@ -123,7 +123,7 @@ def read_prompts(parser, path):
 def read_latent(path):
     """A latent written by --save-latent (safetensors) or by the official CLI (torch.save, read without pickle code)."""
     try:
-        latent = torch.load(path, weights_only=True) if path.endswith(".pt") else load_file(path)["latent"]
+        latent = torch.load(path, "cpu", weights_only=True) if path.endswith(".pt") else load_file(path)["latent"]
     except Exception as e:  # OSError, SafetensorError, KeyError, an UnpicklingError of a file with code in it, ...
         raise ValueError(f"--latent {path} is not a latent file ({type(e).__name__}: {e})") from None
     latent = latent[0] if isinstance(latent, torch.Tensor) and latent.ndim == 3 and len(latent) == 1 else latent
