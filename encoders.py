@@ -156,10 +156,12 @@ def named(**modules):
 
 
 def attend(q, k, v, heads):
-    """Bidirectional multi-head attention: (B, T, D) projections -> (B, T, D)."""
+    """Bidirectional multi-head attention: (B, T, D) projections -> (B, T, D), in transformers' eager order, as the
+    official towers compute it (SDPA's last bits would become whole bf16 steps under the official feature rounding)."""
     B, T, D = q.shape
     q, k, v = (t.view(B, T, heads, D // heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, D)
+    w = (q @ k.transpose(-1, -2) * (D // heads) ** -0.5).softmax(-1, dtype=torch.float32).to(q.dtype)  # (B, h, T, T)
+    return (w @ v).transpose(1, 2).reshape(B, T, D)
 
 
 class ViTAttention(nn.Module):

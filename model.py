@@ -276,20 +276,18 @@ class ScaleRAEConfig(QwenConfig):
         problems = [f"{k} is missing" for k in required if k not in d]
         # The values the released models have and the official code reads (a DINO tower ignores the select layer).
         tower = re.fullmatch(r"(.*?)(-res(\d+))?(-interp\d+)?", d.get("mm_vision_tower_aux_list", [""])[0])
-        expected = {"model_type": ("qwen2", "cambrian_qwen"), "vision_loss": ("diffusion-loss",),
-                    "vision_loss_mode": ("query",), "mm_projector_type": ("mlp2x_gelu",), "dit_cls": ("DiT",),
-                    "mm_vision_select_feature": ("patch",), "mm_use_im_start_end": (True,),
-                    "use_sliding_window": (False,)} | ({} if "dino" in tower[1] else {"mm_vision_select_layer": (-1,)})
+        expected = {"model_type": ("qwen2", "cambrian_qwen"), "vision_loss": ("diffusion-loss",), "dit_cls": ("DiT",),
+                    "vision_loss_mode": ("query",), "use_sliding_window": (False,), "mm_use_im_start_end": (True,),
+                    "mm_projector_type": ("mlp2x_gelu",), "mm_vision_select_feature": ("patch",),
+                    "diffusion_base_dim": (None, 4096), "diffusion_norm_stats_path": (None, "")}
+        expected |= {} if "dino" in tower[1] else {"mm_vision_select_layer": (-1,)}
         problems += [f"{k}={d[k]!r} (supported: {' or '.join(map(repr, v))})" for k, v in expected.items()
                      if d.get(k, v[0]) not in v]
-        if not isinstance(d.get("tokenizer_model_max_length", 512), int) or d.get("tokenizer_model_max_length", 512) < 1:
-            problems.append(f"tokenizer_model_max_length={d['tokenizer_model_max_length']!r} (a positive integer)")
-        if d.get("diffusion_norm_stats_path"):
-            problems.append("diffusion_norm_stats_path is set (latent normalization is not used by released models)")
+        max_length = d.get("tokenizer_model_max_length", 512)
+        if not isinstance(max_length, int) or max_length < 1:
+            problems.append(f"tokenizer_model_max_length={max_length!r} (a positive integer)")
         if d.get("diffusion_model_z_channels") == 0:
             problems.append("diffusion_model_z_channels=0 (a DiT without diff_head_projector)")
-        if d.get("diffusion_base_dim") not in (None, 4096):
-            problems.append(f"diffusion_base_dim={d['diffusion_base_dim']} (supported: 4096, the default)")
         # The official DiT is built for input_size=16; the token count is read from the config (the toy model has 64).
         tokens = d.get("mm_vision_tower_aux_token_len_list", [256])[0]
         side = math.isqrt(tokens)

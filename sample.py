@@ -166,8 +166,8 @@ def main(argv=None):
         sys.exit(f"error: --latent {args.latent} holds shape {tuple(args.input_latent.shape)}; this model's latents "
                  f"are {expected}")
 
-    def ask(prompts, features, max_new_tokens):  # -> results, an image condition where the model opens one
-        answers = model.chat(tokenizer, prompts, features, max_new_tokens, args.batch_size, args.official)
+    def ask(prompts, features, max_new_tokens):  # -> results; --official: its loop's max_new_tokens + 1 tokens
+        answers = model.chat(tokenizer, prompts, features, max_new_tokens + args.official, args.batch_size, args.official)
         return [dict(prompt=p, text=tokenizer.decode(ids), token_ids=ids, cond=cond, seeds=[], latents=[])
                 for p, (ids, cond) in zip(prompts, answers)]
 
