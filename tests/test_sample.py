@@ -45,7 +45,8 @@ def official_config(encoder_dir, **over):
             "diffusion_norm_stats_path": None, "diffusion_timesteps_per_sample": 1, "aux_regression": False,
             "mm_vision_tower_aux_list": [f"{encoder_dir}-interp256"], "mm_vision_tower_aux_token_len_list": [256],
             "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -1,
-            "mm_use_im_start_end": True, "image_aspect_ratio": "square", "tokenizer_model_max_length": 512, **over}
+            "mm_use_im_start_end": True, "image_aspect_ratio": "square", "tokenizer_model_max_length": 512,
+            "si_token_len": 729, "miv_token_len": 0, **over}  # the last two: the official code reads them at load
 
 
 def write_model(folder, encoder_dir, always_image):
