@@ -4,9 +4,9 @@ The DiT (LightningDiT, arXiv 2501.01423; DiT, arXiv 2212.09748) generates the 25
 token on the LLM's latent-query states: 1×1 patch embedding + fixed 2-D sin-cos positions, Gaussian-Fourier timestep
 embedding, adaLN-Zero blocks with RMSNorm, 2-D RoPE and SwiGLU, with the official parameter names (`diff_head.model.*`;
 official code: scale_rae/model/diffusion_loss/). Rectified flow (SD3, arXiv 2403.03206): x_t = (1 - t)·x0 + t·ε,
-v = ε - x0, time shifted by s = sqrt(C·T / 4096). In float32 the forward, the 49-step sampler, the loss and a fresh
-init match the official modules bit for bit with the official explicit softmax; here attention uses SDPA (~1e-6),
-and Fourier features, RoPE tables and the sampler stay float32 in a bf16 model (the official bf16 run loses phase).
+v = ε - x0, time shifted by s = sqrt(C·T / 4096). In float32 the forward (its attention the official explicit
+softmax), the 49-step sampler, the loss and a fresh init match the official modules bit for bit; Fourier features,
+RoPE tables, the softmax and the sampler stay float32 in a bf16 model (the official bf16 run loses phase).
 """
 
 import math
@@ -139,9 +139,9 @@ class Attention(nn.Module):
     def forward(self, x, rope):  # (B, T, H)
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, T, hd)
-        q, k = rope(q), rope(k)  # RoPE first, then attention (bidirectional, no mask), as the official order
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H))
+        q, k = rope(q), rope(k)  # RoPE, then the official explicit softmax attention (bidirectional, in float32)
+        w = (q * self.head_dim ** -0.5 @ k.transpose(-2, -1)).softmax(-1, dtype=torch.float32).to(q.dtype)
+        return self.proj((w @ v).transpose(1, 2).reshape(B, T, H))
 
 
 class SwiGLU(nn.Module):
