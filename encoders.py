@@ -155,13 +155,14 @@ def named(**modules):
     return nn.ModuleDict(modules)
 
 
-def attend(q, k, v, heads):
+def attend(q, k, v, heads, divide=False):
     """Bidirectional multi-head attention: (B, T, D) projections -> (B, T, D), in transformers' eager order, as the
-    official towers compute it (SDPA's last bits would become whole bf16 steps under the official feature rounding)."""
+    official modules compute it: scores x d^-1/2 (SigLIP), or / sqrt(d) with `divide` (DINOv2, the MAE decoder)."""
     B, T, D = q.shape
     q, k, v = (t.view(B, T, heads, D // heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
-    w = (q @ k.transpose(-1, -2) * (D // heads) ** -0.5).softmax(-1, dtype=torch.float32).to(q.dtype)  # (B, h, T, T)
-    return (w @ v).transpose(1, 2).reshape(B, T, D)
+    scores = q @ k.transpose(-1, -2)  # (B, h, T, T); SDPA's last bits would be whole bf16 steps in official features
+    scores = scores / math.sqrt(D // heads) if divide else scores * (D // heads) ** -0.5
+    return (scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v).transpose(1, 2).reshape(B, T, D)
 
 
 class ViTAttention(nn.Module):
@@ -176,7 +177,7 @@ class ViTAttention(nn.Module):
 
     def forward(self, x):
         a = self.attention
-        return self.output.dense(attend(a.query(x), a.key(x), a.value(x), self.heads))
+        return self.output.dense(attend(a.query(x), a.key(x), a.value(x), self.heads, divide=True))
 
 
 class MLP(nn.Module):

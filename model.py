@@ -413,8 +413,8 @@ class ScaleRAE(Qwen2ForCausalLM):
         prompts: lists of token ids; a run of 256 IMAGE_TOKEN slots holds row i of image_features (N, 256, C)
         (understanding). A row stops at a stop id (kept), at max_new_tokens, or when it emits <im_start>: then
         <im_start> and the 256 latent queries are appended in one block, and the projected post-norm hidden states of
-        the queries become its DiT condition (as official, no text follows an image). official: the official roundings
-        of a prompt with an image (its embeddings in bf16; see below). Returns per prompt (ids, condition (256, Z) or None).
+        the queries become its DiT condition (as official, no text follows an image). official: no cache, the official
+        loop's arithmetic (see forward). Returns per prompt (generated ids, condition (256, Z) or None).
         """
         device, dtype = self.model.norm.weight.device, self.model.norm.weight.dtype
         T = self.config.image_tokens
@@ -425,24 +425,23 @@ class ScaleRAE(Qwen2ForCausalLM):
         for b, p in enumerate(prompts):  # left padding, so every row's next token lands in the same column
             ids[b, P - len(p):] = torch.tensor(p, device=device)
             valid[b, P - len(p):P] = True
-        padded = not bool(valid[:, :P].all())
+        padded, seq = not bool(valid[:, :P].all()), []
 
         def forward(x):  # the next x.shape[1] columns through the LLM; padding does not advance RoPE positions
+            if official:  # every column again at every step, as the official loop (a bf16 prompt with an image rounds
+                seq.append(x)  # in layer 0's RMSNorm on the first step only: later, fp32 tokens promote it)
+                x, cache.length = torch.cat(seq, 1), 0
             col, n = cache.length, x.shape[1]
             positions = (valid.cumsum(-1) - 1).clamp(min=0)[:, col:col + n]
             mask = attention_mask(valid, col, n) if padded or col else None  # None: plain causal (SDPA's fast path)
             return self(inputs_embeds=x, positions=positions, mask=mask, cache=cache)
 
-        x, rounded = self.embed(ids, image_features, None), official and image_features is not None
-        h = forward(x.bfloat16() if rounded else x)
-        if rounded:
-            # Official: a prompt with an image enters in bf16, so layer 0's RMSNorm rounds its output to bf16 on the
-            # first step only; the next steps, recomputed without a cache there, see the same values in fp32.
-            cache.length = 0
-            forward(x.bfloat16().to(x.dtype))
+        x = self.embed(ids, image_features, None)
+        h = forward(x.bfloat16() if official and image_features is not None else x)  # official: in bf16 with an image
         out, active, wants_image = [[] for _ in range(B)], [True] * B, [False] * B
         for step in range(max_new_tokens):
-            token = self.logits(h[:, -1]).argmax(-1)  # (B,) first maximum on ties, like torch.argmax in the official loop
+            # (B,) first maximum on ties, like torch.argmax; official: the logits of every column, as its loop computes
+            token = self.logits(h if official else h[:, -1:])[:, -1].argmax(-1)
             for b, t in enumerate(token.tolist()):  # one host sync per token: the loop must decide whether to stop
                 if active[b]:
                     out[b].append(t)
@@ -457,11 +456,11 @@ class ScaleRAE(Qwen2ForCausalLM):
         if rows:
             sel = torch.tensor(rows, device=device)
             cache.select(sel)
-            valid = valid[sel]
+            valid, seq[:] = valid[sel], [s[sel] for s in seq]
             valid[:, cache.length:cache.length + 1 + T] = True
             start = self.model.embed_tokens(torch.full((len(rows), 1), image_start_id, device=device))
             queries = self.model.latent_queries.to(dtype)[None].expand(len(rows), -1, -1)
-            y = self.diff_head_projector(forward(torch.cat([start, queries], 1))[:, 1:])  # (rows, 256, Z)
+            y = self.diff_head_projector(forward(torch.cat([start, queries], 1))[:, -T:])  # (rows, 256, Z)
             for i, b in enumerate(rows):
                 conditions[b] = y[i]
         return [(out[b], conditions[b]) for b in range(B)]
