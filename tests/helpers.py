@@ -46,6 +46,18 @@ def write_scale_rae_tokenizer(folder):
     return folder
 
 
+def random_scale_rae(config, seed=0):
+    """A ScaleRAE from an official config.json dict, seeded, its DiT weights all random: the official adaLN-Zero init
+    would make the DiT output zero, and every sampled latent the noise."""
+    from model import ScaleRAE, ScaleRAEConfig
+    torch.manual_seed(seed)
+    model = ScaleRAE(ScaleRAEConfig.from_official(config))
+    with torch.no_grad():
+        for p in model.diff_head.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
 def opens_an_image_first(model, image_start):
     """Make <im_start> (id image_start) a Scale-RAE model's first answer token for any prompt, in place: a large
     constant in coordinate 0 of every input embedding, the only coordinate the final norm keeps, read most strongly by

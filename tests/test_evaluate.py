@@ -11,13 +11,12 @@ from collections import Counter, deque
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
 import data
 import evaluate
-from helpers import opens_an_image_first
+from helpers import opens_an_image_first, random_scale_rae
 import shapes
 from shapes import (TOY_HOLDOUT, Shapes, analyze_shapes, connected_components, read_answer, render_shapes,
                     shapes_question, shapes_sample, train_tokenizer)
@@ -225,7 +224,6 @@ def checkpoint(tmp_path_factory, tiny_siglip_dir, toy_tok):
     """A tiny random Scale-RAE checkpoint in the official layout (config.json, model.safetensors) with the toy
     tokenizer, shipping its own encoder (`encoder/`, named relative to the folder) and decoder (`decoder/`), as the
     toy model does. Its weights make <im_start> the first answer token for any prompt (as in tests/test_sample.py)."""
-    from model import ScaleRAE, ScaleRAEConfig
     from test_rae import write_decoder
     from test_sample import official_config
     folder = tmp_path_factory.mktemp("evaluate") / "model"
@@ -233,11 +231,7 @@ def checkpoint(tmp_path_factory, tiny_siglip_dir, toy_tok):
     write_decoder(folder / "decoder")
     cfg = official_config("encoder", vocab_size=len(toy_tok))
     (folder / "config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    model = ScaleRAE(ScaleRAEConfig.from_official(cfg))
-    with torch.no_grad():
-        for p in model.diff_head.parameters():
-            p.normal_(0, 0.05)
+    model = random_scale_rae(cfg)
     opens_an_image_first(model, toy_tok.image_start)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
     toy_tok.save(folder)

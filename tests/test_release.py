@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import sample
-from helpers import opens_an_image_first
+from helpers import opens_an_image_first, random_scale_rae
 from encoders import load_encoder
 from model import ScaleRAE, ScaleRAEConfig
 from rae import RELEASED_ENCODERS, DecoderConfig, RAEDecoder
@@ -41,11 +41,7 @@ def write_release(folder, encoder, shards=1, dtype=torch.float32, tied=True, alw
     cfg = official_config(encoder, diffusion_model_channels=WIDTH[encoder], mm_hidden_size=WIDTH[encoder],
                           tie_word_embeddings=tied, **over)
     (folder / "config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    model = ScaleRAE(ScaleRAEConfig.from_official(cfg))
-    with torch.no_grad():
-        for p in model.diff_head.parameters():
-            p.normal_(0, 0.05)
+    model = random_scale_rae(cfg)
     if always_image:
         opens_an_image_first(model, IM_START)
     sd = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}

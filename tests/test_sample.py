@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
-from helpers import opens_an_image_first, write_scale_rae_tokenizer
+from helpers import opens_an_image_first, random_scale_rae, write_scale_rae_tokenizer
 from model import ScaleRAE
 from rae import RAE
 from weights import save_safetensors, write_atomic
@@ -51,17 +51,11 @@ def official_config(encoder_dir, **over):
 
 def write_model(folder, encoder_dir, always_image):
     """A tiny random Scale-RAE checkpoint. With `always_image`, the weights make <im_start> the first answer token
-    for any prompt (a large constant in coordinate 0 of every input, read by lm_head row <im_start> only)."""
-    from model import ScaleRAE, ScaleRAEConfig
+    for any prompt (helpers.opens_an_image_first)."""
     write_scale_rae_tokenizer(folder)
     cfg = official_config(encoder_dir)
     (folder / "config.json").write_text(json.dumps(cfg))
-    torch.manual_seed(0)
-    model = ScaleRAE(ScaleRAEConfig.from_official(cfg))
-    with torch.no_grad():
-        for p in model.diff_head.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.05)
+    model = random_scale_rae(cfg)
     if always_image:
         opens_an_image_first(model, IM_START)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
