@@ -205,11 +205,7 @@ class Encoder(nn.Module):
     def check(self, pixels, official=False):  # official: the pixels are rounded to bf16 before the encoder
         if pixels.ndim != 4 or pixels.shape[1:] != (3, self.image_size, self.image_size):
             raise ValueError(f"expected pixels (B, 3, {self.image_size}, {self.image_size}), got {tuple(pixels.shape)}")
-        return (pixels.bfloat16() if official else pixels).to(self.dtype)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
+        return (pixels.bfloat16() if official else pixels).to(next(self.parameters()).dtype)
 
 
 # ---- SigLIP (the vision tower of a SigLIP / SigLIP-2 fixed-resolution checkpoint) ----
@@ -218,7 +214,7 @@ class SiglipEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(num_tokens(cfg), cfg.hidden_size)
 
     def forward(self, pixels):  # (B, 3, H, W) -> (B, N, C); learned absolute positions, no CLS token
         x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
@@ -288,7 +284,7 @@ class Dinov2Embeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         if cfg.num_register_tokens:
             self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, C))
-        self.position_embeddings = nn.Parameter(torch.zeros(1, (cfg.image_size // cfg.patch_size) ** 2 + 1, C))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, num_tokens(cfg) + 1, C))
         self.patch_embeddings = named(
             projection=nn.Conv2d(cfg.num_channels, C, cfg.patch_size, stride=cfg.patch_size))
 
@@ -311,29 +307,20 @@ class Dinov2Embeddings(nn.Module):
         return x
 
 
-class LayerScale(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.lambda1 = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.lambda1
-
-
 class Dinov2Layer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         C = cfg.hidden_size
         self.norm1 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
         self.attention = ViTAttention(C, cfg.num_attention_heads, cfg.qkv_bias)
-        self.layer_scale1 = LayerScale(C)
+        self.layer_scale1 = nn.ParameterDict(dict(lambda1=nn.Parameter(torch.ones(C))))  # LayerScale
         self.norm2 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
         self.mlp = MLP(C, int(C * cfg.mlp_ratio), cfg.hidden_act)
-        self.layer_scale2 = LayerScale(C)
+        self.layer_scale2 = nn.ParameterDict(dict(lambda1=nn.Parameter(torch.ones(C))))  # LayerScale
 
     def forward(self, x):
-        x = x + self.layer_scale1(self.attention(self.norm1(x)))
-        return x + self.layer_scale2(self.mlp(self.norm2(x)))
+        x = x + self.attention(self.norm1(x)) * self.layer_scale1.lambda1
+        return x + self.mlp(self.norm2(x)) * self.layer_scale2.lambda1
 
 
 class DINOv2Encoder(Encoder):
@@ -348,7 +335,6 @@ class DINOv2Encoder(Encoder):
         self.embeddings = Dinov2Embeddings(cfg)
         self.encoder = named(layer=nn.ModuleList(Dinov2Layer(cfg) for _ in range(cfg.num_hidden_layers)))
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.skip = 1 + cfg.num_register_tokens
 
     @staticmethod
     def read_config(config, folder, image_size=None):
@@ -361,7 +347,7 @@ class DINOv2Encoder(Encoder):
         x = self.embeddings(self.check(pixels, official))
         for layer in self.encoder.layer:
             x = layer(x)
-        x = self.layernorm(x[:, self.skip:])  # LayerNorm is per token: dropping CLS/registers first is exact
+        x = self.layernorm(x[:, 1 + self.config.num_register_tokens:])  # per token: dropping CLS/registers is exact
         x = x.bfloat16() if official else x  # official: the features are rounded to bf16
         side, grid = math.isqrt(self.num_tokens), math.isqrt(x.shape[1])
         if grid == side:
