@@ -112,11 +112,11 @@ try:  # every input is read (configs, the first data record) before anything is 
     tokenizer = None if args.stage == "decoder" else Tokenizer.from_dir(  # the decoder stage reads only images
         resolve(args.tokenizer or args.init, allow_patterns=["*.json", "*.txt"]), add_image_markers=args.stage == "1")
     source = open_source(args.data, args.image_folder)
-    first = next(source.read(0), None) if source.num_shards else dict(error="no records")
+    first = next(source.read(0), dict(error="empty shard")) if source.num_shards else dict(error="no records")
 except (WeightsError, OSError, ValueError) as e:
     parser.error(str(e))
-if first is None or "error" in first:
-    parser.error(f"--data {args.data}: its first record cannot be read ({(first or {}).get('error', 'empty shard')})")
+if "error" in first:
+    parser.error(f"--data {args.data}: its first record cannot be read ({first['error']})")
 if args.stage == "2" and (num_tokens(enc), enc.hidden_size) != (init_config.image_tokens, init_config.mm_hidden_size):
     parser.error(f"the encoder {encoder_path} gives {num_tokens(enc)} tokens of {enc.hidden_size} channels; the model "
                  f"in {args.init} was trained on {init_config.image_tokens} of {init_config.mm_hidden_size}")
@@ -290,7 +290,7 @@ groups = [dict(params=rest, lr=args.lr, betas=(0.9, 0.999) if args.stage != "dec
 if head:
     groups.append(dict(params=head, lr=args.lr * args.diff_head_lr_scale, betas=(0.9, 0.95)))
 optimizer = torch.optim.AdamW(groups, eps=1e-8, weight_decay=0.0)
-for p in (p for g in groups for p in g["params"]):  # AdamW's state now: sharded like p, ready to be restored into
+for p in rest + head:  # AdamW's state now: sharded like p, ready to be restored into
     state = optimizer.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
                                       exp_avg_sq=torch.zeros_like(p))
     if USE_XLA:
@@ -328,7 +328,7 @@ def flops_per_sample():
 def train_step(batch):
     loss, parts = compute_loss(batch)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(rest + head, args.clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(loss=loss.detach(), **{k: v.detach() for k, v in parts.items()}, grad_norm=grad_norm)
@@ -430,12 +430,12 @@ else:
 
 # ---- Training loop ----
 
-meter = dict(time=time.perf_counter(), step=start, halt=None)
+meter = dict(time=time.perf_counter(), step=start)
 total_flops = flops_per_sample() * args.batch_size
 tokens_per_sample = args.seq_len if args.stage != "decoder" else encoder.num_tokens
 
 
-def report(step, metrics, lrs, bad):
+def report(step, metrics, lrs):
     """Log a step: runs on the host once the step's tensors exist (under XLA, in a step closure)."""
     now = time.perf_counter()
     dt, steps = now - meter["time"], step - meter["step"]
@@ -449,8 +449,6 @@ def report(step, metrics, lrs, bad):
         rec["mfu"] = steps * total_flops / dt / (args.peak_tflops * 1e12 * n_devices)
     if USE_XLA:
         rec["compiles"] = met.counter_value("UncachedCompile") or 0
-    if bad.item() or not math.isfinite(rec["loss"]):
-        meter["halt"] = step
     if rank == 0:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
         with open(out / "log.jsonl", "a") as f:
@@ -468,16 +466,15 @@ for step in range(start + 1, args.steps + 1):
         g["lr"] = base * lr_factor(step - 1)
     metrics = train_step(batch)
     bad = bad | ~torch.isfinite(metrics["loss"]) | ~torch.isfinite(metrics["grad_norm"])
-    if step % args.log_every == 0 or step == args.steps:
-        report_args = (step, metrics, [g["lr"] for g in optimizer.param_groups], bad)
+    logged = step % args.log_every == 0 or step == args.steps
+    if logged:
+        report_args = (step, metrics, [g["lr"] for g in optimizer.param_groups])
         xm.add_step_closure(report, report_args) if USE_XLA else report(*report_args)
     sync()
     save = step % args.save_every == 0 or step == args.steps
-    if meter["halt"] is None and save and bad.item():
-        meter["halt"] = step  # never checkpoint weights that a non-finite gradient has reached
-    if meter["halt"] is not None:
+    if (logged or save) and bad.item():  # never checkpoint weights that a non-finite gradient has reached
         last = checkpoints()[-1].name if checkpoints() else "none"
-        raise SystemExit(f"non-finite loss or gradient norm by step {meter['halt']}: stopping. The last good "
+        raise SystemExit(f"non-finite loss or gradient norm by step {step}: stopping. The last good "
                          f"checkpoint ({out / last}) is untouched.")
     if save:
         save_checkpoint(step)
