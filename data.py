@@ -113,19 +113,17 @@ class JsonlSource:
         if not self.path.is_file():
             raise FileNotFoundError(f"JSONL data file {self.path} not found")
         self.image_folder = Path(image_folder) if image_folder is not None else self.path.parent
+        self._file = open(self.path, "rb")  # kept open: read() seeks to one line per shard
         self.offsets, off = [], 0
-        with open(self.path, "rb") as f:
-            for line in f:
-                if line.strip():
-                    self.offsets.append(off)
-                off += len(line)
-        self.num_shards, self._file = len(self.offsets), None
+        for line in self._file:
+            if line.strip():
+                self.offsets.append(off)
+            off += len(line)
+        self.num_shards = len(self.offsets)
 
     def read(self, shard, start=0):
         if start > 0:
             return
-        if self._file is None:
-            self._file = open(self.path, "rb")
         self._file.seek(self.offsets[shard])
         key = f"{self.path.name}:{shard + 1}"
         try:
