@@ -143,7 +143,7 @@ class Tokenizer:
         self.tok.save(str(folder / "tokenizer.json"))
         bpe = json.loads(self.tok.to_str())["model"]
         merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
-        added = {i: t for i, t in self.tok.get_added_tokens_decoder().items()}
+        added = self.tok.get_added_tokens_decoder()  # {id: AddedToken}
         (folder / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False), encoding="utf-8")
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         (folder / "added_tokens.json").write_text(json.dumps({t.content: i for i, t in added.items()}))
