@@ -131,12 +131,10 @@ def render_shapes(s, rng, image_size=224):
     for cx0, cy0 in layout(s):
         x0, y0 = cx0 * cell, cy0 * cell
         x1, y1 = x0 + side - 1, y0 + side - 1  # PIL's boxes include their last pixel: the shape stays in its cells
-        if s.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=COLORS[s.color])
-        elif s.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=COLORS[s.color])
-        else:
+        if s.shape == "triangle":
             draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=COLORS[s.color])
+        else:  # a circle or a square fills the same box
+            (draw.ellipse if s.shape == "circle" else draw.rectangle)((x0, y0, x1, y1), fill=COLORS[s.color])
         boxes.append([round(v / 2) for v in (x0, y0, x0 + side, y0 + side)])
     return img.resize((image_size, image_size), Image.LANCZOS), boxes
 
@@ -265,8 +263,7 @@ def connected_components(mask):
             break
         lab = new
     roots, labels = np.unique(lab, return_inverse=True)
-    labels = labels.reshape(h, w) + 1
-    labels[~mask] = 0
+    labels = np.where(mask, labels.reshape(h, w) + 1, 0)
     return labels, int((roots < big).sum())
 
 
