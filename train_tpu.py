@@ -234,7 +234,7 @@ if args.stage == "decoder":
     out_size = model.config.image_size
 
     def compute_loss(batch):
-        """L1 + MSE between the decoded noisy latents and the image, in [0, 1] pixels, over rows with an image."""
+        """L1 + MSE between the decoded noisy latents and the image, in [0, 1] pixels."""
         with torch.no_grad():
             z = encoder.encode(batch["pixel_values"])  # (B, T, C)
             sigma = args.noise_tau * torch.rand(z.shape[0], 1, 1, device=z.device)
@@ -242,10 +242,8 @@ if args.stage == "decoder":
             target = denormalize(batch["pixel_values"], encoder.image_mean, encoder.image_std)
             if target.shape[-1] != out_size:  # e.g. a 256px decoder on a 224px encoder
                 target = F.interpolate(target, size=(out_size, out_size), mode="bicubic", align_corners=False)
-        err = model(z) - target  # (B, 3, H, W)
-        w = batch["has_image"].float()
-        n = w.sum().clamp(min=1)
-        l1, mse = ((e.mean((1, 2, 3)) * w).sum() / n for e in (err.abs(), err.pow(2)))
+        err = model(z) - target  # (B, 3, H, W), every row an image: the decoder stage's stream is images-only
+        l1, mse = (e.mean((1, 2, 3)).sum() / len(e) for e in (err.abs(), err.pow(2)))
         return l1 + mse, dict(l1=l1, mse=mse)
 else:
     def compute_loss(batch):
