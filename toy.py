@@ -72,8 +72,8 @@ def train(stage, run_name, batch_size, *extra):
     """One train_tpu.py stage; toy activations are small, so nothing is recomputed."""
     presets = {"1": ("--llm", args.presets, "--dit", args.presets), "decoder": ("--decoder", args.presets)}
     run("train_tpu.py", "--preset", "toy", *presets.get(stage, ()), "--stage", stage, "--out", out / run_name,
-        "--backend", "torch", "--batch-size", batch_size, "--seed", args.seed,
-        "--save-every", 100000, "--no-grad-ckpt", *extra)
+        "--backend", "torch", "--batch-size", batch_size, "--seed", args.seed, "--save-every", 100000, "--no-grad-ckpt",
+        *extra, "--encoder", out / "encoder", "--seq-len", args.seq_len, "--log-every", args.log_every)
     print(f"  {stage} done at {time.time() - t0:.0f}s", flush=True)
     return out / run_name / "export"
 
@@ -92,22 +92,20 @@ torch.manual_seed(args.seed)
 encoder = init_siglip(SigLIP2Encoder(TOY_ENCODER, ImageProcessing((64, 64), (0.5,) * 3, (0.5,) * 3, resample=2)))
 save_siglip(encoder, out / "encoder")
 if args.seq_len is None:  # a smaller vocabulary means longer prompts; a sample longer than L would be skipped
-    records = [json.loads(line) for p in (jsonl, jsonl2) for line in open(p)]
-    longest = max(len(encode_conversation(tokenizer, r["conversations"], True, 1 << 30, encoder.num_tokens)[0])
-                  for r in records)
+    conversations = [json.loads(line)["conversations"] for p in (jsonl, jsonl2) for line in open(p)]
+    longest = max(len(encode_conversation(tokenizer, c, True, 1 << 30, encoder.num_tokens)[0]) for c in conversations)
     args.seq_len = -(-longest // 64) * 64
 print(f"data, {len(tokenizer)}-token tokenizer, encoder ready at {time.time() - t0:.0f}s; L = {args.seq_len}", flush=True)
 
-common = ["--encoder", str(out / "encoder"), "--seq-len", str(args.seq_len), "--log-every", str(args.log_every)]
-llm_dit = ["--diff-head-lr-scale", "1", "--diffusion-timesteps-per-sample", str(args.diffusion_timesteps_per_sample)]
+llm_dit = ["--diff-head-lr-scale", 1, "--diffusion-timesteps-per-sample", args.diffusion_timesteps_per_sample]
 # 4-6. the three training stages
-decoder = train("decoder", "decoder", 32, "--data", jsonl, "--steps", str(args.decoder_steps),
-                "--lr", str(args.decoder_lr), "--noise-tau", str(args.noise_tau), *common)
-stage1 = train("1", "stage1", args.batch_size, "--data", jsonl, "--steps", str(args.stage1_steps),
-               "--lr", str(args.lr), "--tokenizer", str(out / "tokenizer"), *llm_dit, *common)
+decoder = train("decoder", "decoder", 32, "--data", jsonl, "--steps", args.decoder_steps,
+                "--lr", args.decoder_lr, "--noise-tau", args.noise_tau)
+stage1 = train("1", "stage1", args.batch_size, "--data", jsonl, "--steps", args.stage1_steps,
+               "--lr", args.lr, "--tokenizer", out / "tokenizer", *llm_dit)
 stage2_lr = args.lr / 2 if args.stage2_lr is None else args.stage2_lr  # --stage2-lr 0 is 0 (a broken stage)
-stage2 = train("2", "stage2", args.batch_size, "--init", str(stage1), "--data", jsonl2,
-               "--steps", str(args.stage2_steps), "--lr", str(stage2_lr), *llm_dit, *common)
+stage2 = train("2", "stage2", args.batch_size, "--init", stage1, "--data", jsonl2,
+               "--steps", args.stage2_steps, "--lr", stage2_lr, *llm_dit)
 # 7. evaluate
 run("evaluate.py", "--model-path", stage2, "--decoder-repo", decoder, "--num-prompts", args.eval_prompts,
     "--json", out / "eval.json", "--grid", out / "grid.png")
