@@ -45,7 +45,6 @@ DIT_PRESETS = {
 
 
 # ---- fixed tables: absolute positions, RoPE ----
-
 def sincos_pos_embed(dim, n):
     """(n*n, dim) fixed 2-D sin-cos table (MAE/DiT). Token h*n+w: the first dim/2 channels encode the column w, the
     last dim/2 the row h; each half is [sin(p·ω_k)]_k ++ [cos(p·ω_k)]_k with ω_k = 10000^(-k/(dim/4)), in float64."""
@@ -59,11 +58,9 @@ def sincos_pos_embed(dim, n):
 
 
 def rope_tables(head_dim, n, theta=10000.0):
-    """cos, sin (n*n, head_dim) of EVA-02's 2-D RoPE, in float32 as the official code builds them.
-
-    Each axis gets head_dim/2 channels with frequencies f_j = theta^(-2j/(head_dim/2)), each repeated twice (the
-    pairs (2m, 2m+1) rotate together); channels [0, head_dim/2) rotate by the row index, the rest by the column index.
-    """
+    """cos, sin (n*n, head_dim) of EVA-02's 2-D RoPE, in float32 as the official code builds them. Each axis gets
+    head_dim/2 channels with frequencies f_j = theta^(-2j/(head_dim/2)), each repeated twice (the pairs (2m, 2m+1)
+    rotate together); channels [0, head_dim/2) rotate by the row index, the rest by the column index."""
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, device="cpu")[:quarter].float() / (head_dim // 2))
     angles = torch.outer(torch.arange(n, device="cpu").float(), freqs).repeat_interleave(2, -1)   # (n, head_dim/2)
@@ -73,7 +70,6 @@ def rope_tables(head_dim, n, theta=10000.0):
 
 
 # ---- leaf modules ----
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -193,7 +189,6 @@ class FinalLayer(nn.Module):
 
 
 # ---- the DiT ----
-
 class DiT(nn.Module):
     """The official LightningDiT as released: velocity v(x_t, t, y). Submodules are registered in the official
     order, so a fresh init draws the same random numbers as the official one under the same seed."""
@@ -205,8 +200,7 @@ class DiT(nn.Module):
         self.config = cfg
         self.x_embedder = PatchEmbed(cfg.in_channels, cfg.hidden_size)
         self.t_embedder = FourierTimestepEmbedder(cfg.z_channels)
-        if cfg.class_dropout_prob > 0:  # as the official ConditionEmbedder: no null condition without dropout
-            # `y_embedder.dropout_embedding`: the learned null condition of CFG, one Z-vector broadcast to every token
+        if cfg.class_dropout_prob > 0:  # CFG's learned null condition (none without dropout, as ConditionEmbedder)
             self.y_embedder = nn.Module()
             self.y_embedder.dropout_embedding = nn.Parameter(torch.zeros(cfg.z_channels))
         # A frozen Parameter (not a buffer) because that is how the checkpoint stores it.
@@ -218,8 +212,7 @@ class DiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """The official init (GPU_initialize_weights): xavier-uniform Linears (and conv) with zero biases, an
-        N(0, 0.02) timestep MLP, and adaLN-Zero: every adaLN output and the final linear are zero, so v starts at 0."""
+        """The official init (GPU_initialize_weights), adaLN-Zero: every adaLN output and the final linear are zero."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -262,7 +255,6 @@ def dit_flops(cfg: DiTConfig):
 
 
 # ---- rectified flow: time grids and initial noise ----
-
 def time_shift(t, shift):
     """s·t / (1 + (s - 1)·t), evaluated in this order as the official code does (numpy float64 or torch)."""
     return shift * t / (1 + (shift - 1) * t)
@@ -274,10 +266,9 @@ def flow_shift(channels, tokens=256, base_dim=4096):
 
 
 def official_timesteps(shift=flow_shift(1152)):
-    """(t_curr, t_next) float32, 49 entries: the official "50-step" sampler (transport.py, respace.py). Of the grid
-    shift(k/1000), k = 1..1000, 50 indices are kept (stride 999/49, Python's round() on an accumulating float); it steps
-    down 48 times from t = 0.99760 to 0.00842, then from index 48 UP to index 49 (t = 1.0) at the nearly clean sample:
-    an official bug, reproduced so that official weights give official images."""
+    """(t_curr, t_next), 49 float32 entries: the official "50-step" sampler (transport.py, respace.py) on 50 points of
+    the grid shift(k/1000), k = 1..1000. It steps down 48 times from t = 0.99760 to 0.00842, then UP from index 48 to 49
+    (t = 1.0) at the nearly clean sample: an official bug, reproduced so that official weights give official images."""
     grid = time_shift(np.linspace(1 / 1000, 1, 1000), shift)
     used, pos = [], 0.0
     for _ in range(50):
@@ -305,7 +296,6 @@ def initial_noise(seeds, channels, device, dtype=torch.float32, size=16):
 
 
 # ---- the head: training loss and sampler ----
-
 class DiffusionHead(nn.Module):
     """The official `diff_head` (FullSequenceRectifiedFlowProjector): a DiT, its flow shift, loss and sampler.
     Latents are exchanged in token layout (B, T, C), token n = h·n_side + w; the DiT works channel-first."""
@@ -324,10 +314,9 @@ class DiffusionHead(nn.Module):
             raise ValueError(f"{what}: expected ({sizes}), got {tuple(x.shape)}")
 
     def loss(self, x0, y, t=None, noise=None):
-        """Per-image rectified-flow loss (B,): mean over (C, H, W) of (v_θ(x_t, t, y) - (ε - x0))², for clean latents
-        x0 (B, T, C) and conditions y (B, T, Z). Drawn as the official training does, in its order: t = shift(sigmoid(u)),
-        u ~ N(0, 1); ε in bfloat16 (get_x_end's default); in training mode, the null condition with p = class_dropout_prob.
-        """
+        """Per-image rectified-flow loss (B,): mean over (C, H, W) of (v_θ(x_t, t, y) - (ε - x0))² for clean latents
+        x0 (B, T, C), conditions y (B, T, Z). Drawn as the official training does, in its order: t = shift(sigmoid(u)),
+        u ~ N(0, 1); ε in bfloat16 (get_x_end's default); in training, the null condition at p = class_dropout_prob."""
         cfg = self.config
         B = x0.shape[0]
         self._check("x0", x0, None, cfg.tokens, cfg.in_channels)
@@ -348,13 +337,11 @@ class DiffusionHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, y, noise, steps=None, cfg_scale=1.0, cfg_interval=None):
-        """Integrate dx/dt = v from the noise (t ≈ 1) to data. y (B, T, Z), noise (B, C, n, n) -> latents (B, T, C) fp32.
-
+        """Integrate dx/dt = v from noise (t ≈ 1) to data. y (B, T, Z), noise (B, C, n, n) -> latents (B, T, C) fp32.
         steps: None, the official 49-evaluation schedule; N, plain Euler from t = 1 to 0 on the same shifted grid.
-        cfg_scale s > 1: real classifier-free guidance v = v_u + s·(v_c - v_u) with the learned null condition, in one
-        batch of 2B (the official CLI's guidance is a no-op: diffloss.py infer), only where lo <= t <= hi for
-        cfg_interval (lo, hi). The loop never reads a device value.
-        """
+        cfg_scale s > 1: real classifier-free guidance v = v_u + s·(v_c - v_u) with the learned null condition, in
+        one batch of 2B (the official CLI's guidance is a no-op: diffloss.py infer), only where lo <= t <= hi for
+        cfg_interval (lo, hi). The loop never reads a device value: which steps are guided is decided on the host."""
         cfg = self.config
         B = noise.shape[0]
         self._check("noise", noise, None, cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -366,7 +353,6 @@ class DiffusionHead(nn.Module):
         if cfg_interval is not None and not (len(cfg_interval) == 2 and cfg_interval[0] <= cfg_interval[1]):
             raise ValueError(f"cfg_interval must be (lo, hi) with lo <= hi, got {cfg_interval!r}")
         t_curr, t_next = official_timesteps(self.shift) if steps is None else euler_timesteps(steps, self.shift)
-        # Which steps are guided is decided on the host from the host copy of the grid: no device read in the loop.
         lo, hi = cfg_interval if cfg_interval is not None else (-math.inf, math.inf)
         guide = [guided and lo <= float(tc) <= hi for tc in t_curr]
         t_curr, t_next = t_curr.to(noise.device), t_next.to(noise.device)

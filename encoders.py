@@ -3,13 +3,12 @@
 Scale-RAE (arXiv 2601.16208) generates and reads images in the token space of a frozen encoder (a Representation
 AutoEncoder, RAE: arXiv 2510.11690): SigLIP-2 So400M/14 (`google/siglip2-so400m-patch14-224`, the default, 256 x 1152)
 or WebSSL-DINO 300M (`facebook/webssl-dino300m-full2b-224`, DINOv2 architecture, 256 x 1024). The latent is what the
-official towers compute (scale_rae/model/multimodal_encoder/): for SigLIP the LAST layer's output taken BEFORE
-`post_layernorm`, then a LayerNorm without weight and bias (eps 1e-6; post_layernorm and the pooling head are neither
-run nor loaded); for DINOv2 the final LayerNorm output without the CLS (and register) tokens.
-Parameter names are transformers', so the Hub checkpoints load with no renaming. Preprocessing reproduces the slow
-transformers image processors (PIL resize on uint8, rescale in float64, normalize in float32). DINOv2 also runs at
-another resolution with its token grid resized to the model's (official `-res448-interp256`); `official=True` adds the
-official bf16 roundings.
+official towers compute (scale_rae/model/multimodal_encoder/): for SigLIP the LAST layer's output, then a LayerNorm
+without weight and bias (eps 1e-6; `post_layernorm` and the pooling head are neither run nor loaded); for DINOv2 the
+final LayerNorm output without the CLS (and register) tokens. Parameter names are transformers', so the Hub checkpoints
+load with no renaming. Preprocessing reproduces the slow transformers image processors (PIL resize on uint8, rescale in
+float64, normalize in float32). DINOv2 also runs at another resolution with its token grid resized to the model's
+(official `-res448-interp256`); `official=True` adds the official bf16 roundings.
 """
 
 import io
@@ -70,7 +69,6 @@ def num_tokens(cfg):
 
 
 # ---- Images in: files and PIL images to normalized pixel tensors, and back ----
-
 def to_rgb(image):
     """Any PIL image as 8-bit RGB, as the official CLI's `.convert("RGB")` (alpha dropped), except that 16-bit
     grayscale, which convert clips to 255 (a mostly white image), is scaled to 8 bits (v >> 8) first."""
@@ -102,9 +100,8 @@ def denormalize(pixels, mean, std):
 
 @dataclass
 class ImageProcessing:
-    """The official (slow) transformers image processor, with the numbers from `preprocessor_config.json`.
-    `size` (height, width): resize straight to it (SiglipImageProcessor). `size` an int: resize the shorter side to it,
-    then center-crop size x size (BitImageProcessor, as the DINO tower configures it)."""
+    """The official (slow) transformers image processor. `size` (height, width): resize to it (SiglipImageProcessor);
+    an int: resize the shorter side to it, center-crop size x size (BitImageProcessor, as the DINO tower sets it)."""
     size: object
     image_mean: tuple
     image_std: tuple
@@ -149,7 +146,6 @@ class ImageProcessing:
 
 
 # ---- Shared pieces: attention, MLP, what both encoders do ----
-
 def named(**modules):
     """A container that only reproduces the official nesting of parameter names (`output.dense.weight`)."""
     return nn.ModuleDict(modules)
@@ -166,8 +162,7 @@ def attend(q, k, v, heads, divide=False):
 
 
 class ViTAttention(nn.Module):
-    """Self-attention with the transformers ViT names `attention.{query,key,value}` and `output.dense`, shared by
-    DINOv2 and the ViT-MAE-style RAE decoder (rae.py)."""
+    """Self-attention with transformers' ViT names `attention.{query,key,value}` and `output.dense` (DINOv2, rae.py)."""
 
     def __init__(self, dim, heads, qkv_bias=True):
         super().__init__()
@@ -181,8 +176,6 @@ class ViTAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc1, activation, fc2: the MLP of SigLIP and of DINOv2."""
-
     def __init__(self, dim, hidden, act):
         super().__init__()
         self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), activation(act)
@@ -209,7 +202,6 @@ class Encoder(nn.Module):
 
 
 # ---- SigLIP (the vision tower of a SigLIP / SigLIP-2 fixed-resolution checkpoint) ----
-
 class SiglipEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -246,8 +238,7 @@ class SiglipLayer(nn.Module):
 
 
 class SigLIP2Encoder(Encoder):
-    """The SigLIP vision tower up to its last layer (no post_layernorm, no head); parameter names are the
-    checkpoint's `vision_model.*` names without the prefix."""
+    """The SigLIP vision tower up to its last layer, named as the checkpoint's `vision_model.*` without the prefix."""
 
     prefix, keep = "vision_model.", ("embeddings.", "encoder.")  # post_layernorm and head are never read
 
@@ -276,7 +267,6 @@ class SigLIP2Encoder(Encoder):
 
 
 # ---- DINOv2 (WebSSL-DINO) ----
-
 class Dinov2Embeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -339,8 +329,7 @@ class DINOv2Encoder(Encoder):
     @staticmethod
     def read_config(config, folder, image_size=None):
         cfg = from_dict(Dinov2Config, config)
-        # The official tower overrides the file's resize and crop with its image size (dino_encoder.py): the model's,
-        # or the `-res` of its name; shortest edge and center crop that size; resample, rescale, mean/std from the file.
+        # As the official tower (dino_encoder.py): its size (the model's, or its name's `-res`) replaces the file's.
         return cfg, ImageProcessing.from_file(folder, image_size or cfg.image_size)
 
     def encode(self, pixels, official=False):  # (B, 3, 224, 224) normalized -> (B, 256, C) RAE latents
@@ -362,8 +351,7 @@ ENCODERS = {"siglip": SigLIP2Encoder, "dinov2": DINOv2Encoder, "dinov2_with_regi
 
 
 def read_encoder_config(folder, image_size=None):
-    """(encoder class, config, preprocessing) from a checkpoint folder's JSON files, at the resolution `image_size`
-    (default: the model's); no weights are read."""
+    """(encoder class, config, preprocessing) from a folder's JSON files at `image_size` (default: the model's)."""
     config = read_config(folder)
     model_type = config.get("model_type")
     if model_type == "siglip2":

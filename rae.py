@@ -91,10 +91,8 @@ class DecoderLayer(nn.Module):
 
 class RAEDecoder(nn.Module):
     """Encoder tokens (B, N, C) -> pixels (B, 3, H, W), de-normalized but not clipped (training needs them raw).
-
     Built fresh it is ready to train: PyTorch's default initialization, as the official GeneralDecoder (a plain
-    nn.Module) has, a zero cls token, and the fixed sin-cos position table (a buffer: it is never trained).
-    """
+    nn.Module) has, a zero cls token, and the fixed sin-cos position table (a buffer: it is never trained)."""
 
     def __init__(self, cfg: DecoderConfig, in_dim, image_mean, image_std):
         super().__init__()
@@ -114,9 +112,8 @@ class RAEDecoder(nn.Module):
         if N != self.config.grid ** 2:
             raise ValueError(f"the decoder expects {self.config.grid ** 2} tokens, got {N}")
         latents = latents.to(self.decoder_embed.weight.dtype)  # the sampler returns float32 latents
-        # The official code embeds a dummy cls row with the tokens and drops it (cli.py prepends zeros), and predicts
-        # the cls row's patch before dropping it. Both 257-row GEMMs are kept: on GPUs the kernel choice (and so
-        # the rounding) can depend on the row count, and they cost 1/257 more.
+        # The official code embeds a zero cls row with the tokens (cli.py) and predicts the cls row's patch, then drops
+        # both. The 257-row GEMMs stay (1/257 more work): on GPUs the kernel, so the rounding, can vary with row count.
         x = self.decoder_embed(torch.cat([latents.new_zeros(B, 1, latents.shape[-1]), latents], 1))[:, 1:]
         x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), x], 1) + self.decoder_pos_embed.to(x.dtype)
         for layer in self.decoder_layers:
@@ -143,8 +140,7 @@ class RAEDecoder(nn.Module):
 
 
 def load_decoder(path_or_repo, image_mean, image_std, dtype=torch.float32, device="cpu"):
-    """The released decoder (config.json + model.pt) from a local folder or Hub id, strictly checked; an unused MAE
-    `mask_token` (the official load is not strict) is dropped with a note."""
+    """A released decoder (config.json + model.pt) from a folder or Hub id; strict but for MAE's unused `mask_token`."""
     folder = resolve(path_or_repo, allow_patterns=["config.json", "model.pt"])
     cfg = DecoderConfig.from_dict(read_config(folder))
     path = Path(folder) / "model.pt"
@@ -173,8 +169,7 @@ class RAE:
     @classmethod
     def from_pretrained(cls, encoder_path, decoder_path=None, dtype=torch.float32, device="cpu", encoder_device=None,
                         **encoder_args):
-        """decoder_path None: no decoder. The de-normalization is the encoder's, from RELEASED_ENCODERS (no file
-        needed), else from the encoder's preprocessor_config.json (a local encoder such as the toy's)."""
+        """De-normalization from RELEASED_ENCODERS, else from the encoder's preprocessor_config.json."""
         if decoder_path is None:
             decoder = None
         elif encoder_path in RELEASED_ENCODERS:
