@@ -2,14 +2,13 @@
 
 Reference: the official trainer, scale_rae/train/{spmd_trainer.py (preprocess_qwen, LazySupervisedDataset, the
 collator), webdataset_trainer.py}. Formats: JSONL, one {"image", "conversations", "metadata"} per line (image paths
-relative to the JSONL's folder); WebDataset, a `*wds*.json` manifest {"tars": [...]} of tar shards whose `.json`
-members name their image member. Tokens as preprocess_qwen (qwen_2, mm_use_im_start_end): a system turn, each ChatML
-turn tokenized alone, labels only on assistant turns and on "\n", <|im_start|>, <|im_end|>; `<image>` becomes
-<im_start> + 256 IMAGE_TOKEN slots + <im_end>. An image in an assistant turn is a generation target, in a user turn
-understanding input. Where we differ: the official WebDataset path never shuffles (set_epoch is lost in
-MpDeviceLoader) and a bad sample is resampled at random; here shard order and blocks of `buffer_size` records are
-shuffled per epoch, bad samples are skipped and counted, and the stream position (epoch, shard, offset, taken)
-restores it exactly.
+relative to the JSONL's folder); WebDataset, a `*wds*.json` manifest {"tars": [...]} of tar shards whose `.json` members
+name their image member. Tokens as preprocess_qwen (qwen_2, mm_use_im_start_end): a system turn, each ChatML turn
+tokenized alone, labels only on assistant turns and on "\n", <|im_start|>, <|im_end|>; `<image>` becomes <im_start> +
+256 IMAGE_TOKEN slots + <im_end>: a generation target in an assistant turn, understanding input in a user turn. Where we
+differ: the official WebDataset path never shuffles (set_epoch is lost in MpDeviceLoader) and resamples a bad sample at
+random; here shard order and blocks of `buffer_size` records are shuffled per epoch, bad samples are skipped and
+counted, and the stream position (epoch, shard, offset, taken) restores it exactly.
 """
 
 import functools
@@ -46,7 +45,6 @@ class Skip(Exception):
 
 
 # ---- Sample -> token ids and labels ----
-
 @functools.lru_cache(maxsize=4)
 def _fixed_ids(tokenizer):
     """The system turn's ids, and the ids labelled everywhere: "\\n", <|im_start|>, <|im_end|> (official list)."""
@@ -94,8 +92,7 @@ def encode_conversation(tokenizer, conversations, has_image, max_len, image_toke
     return ids[:max_len], labels[:max_len], image_is_target
 
 
-# ---- Readers ----
-# A source is a list of shards; read(shard, start) yields that shard's records from index `start` on.
+# ---- Readers: a source is a list of shards; read(shard, start) yields a shard's records from index `start` on ----
 # A record is {"key", "conversations", "metadata", "images": [path or bytes or None (missing)]} or {"key", "error"}.
 
 def _image_list(value):
@@ -187,7 +184,6 @@ def open_source(path, image_folder=None):
 
 
 # ---- The stream: sharded, shuffled, resumable; samples out, bad ones counted ----
-
 @dataclass
 class Sample:
     input_ids: torch.Tensor  # (L,) int64, IMAGE_TOKEN at the image slots, pad id after the text
@@ -199,9 +195,8 @@ class Sample:
 
 
 class SampleStream:
-    """Endless iterator of `Sample`s for data-parallel host `rank` of `world`, padded to max_len, shuffled in blocks
-    of buffer_size records; epochs=None never stops. images_only: skip text-only samples (the decoder stage; with
-    tokenizer None, samples carry no tokens). `stats` counts records read, samples used, and skips by reason."""
+    """Iterator of `Sample`s for data-parallel host `rank` of `world`, padded to max_len; endless with epochs=None.
+    images_only: skip text-only samples (decoder stage; tokenizer may be None). `stats` counts reads, uses and skips."""
 
     def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
                  epochs=None, image_tokens=IMAGE_TOKENS, images_only=False):
@@ -301,7 +296,6 @@ class SampleStream:
 
 
 # ---- Batches with static shapes ----
-
 def collate(samples, preprocess, image_size=224):
     """The batch dict: input_ids/labels (B, L) int64, pixel_values (B, 3, S, S) float32 (zeros where no image),
     has_image (B,) bool, image_is_target (B,) bool. `preprocess` maps a list of PIL images to (n, 3, S, S)."""
@@ -322,8 +316,7 @@ def collate(samples, preprocess, image_size=224):
 
 
 def batches(stream, batch_size, preprocess, image_size=224):
-    """Batches of exactly batch_size samples (the last partial one is dropped). After each batch,
-    `stream.state_dict()` is the position right after it, ready to be saved with a checkpoint."""
+    """Full batches (a partial last one is dropped); after each, `stream.state_dict()` is the position after it."""
     it = iter(stream)
     while len(chunk := list(islice(it, batch_size))) == batch_size:
         yield collate(chunk, preprocess, image_size)

@@ -5,9 +5,8 @@ tokenizer_config.json), saved by transformers' pure-Python Qwen2Tokenizer. We bu
 `tokenizers` library (as transformers' Qwen2 fast converter does): NFC normalization, the Qwen2 pre-tokenizer regex,
 byte-level alphabet, and added/special tokens split out before BPE. A `tokenizer.json`, when present, is used as is.
 
-Prompts use the `qwen_2` ChatML template with the system prompt "You are a helpful assistant." (official
-conversation.py, conv_qwen), which is byte-identical to Qwen2.5's template with that system prompt. Note that the
-checkpoints' tokenizer_config.json carries Qwen2.5's own default system prompt, which Scale-RAE does not use.
+Prompts use the official `qwen_2` ChatML template (conversation.py, conv_qwen) with SYSTEM_PROMPT, byte-identical to
+Qwen2.5's template with that system prompt (not Qwen2.5's default, which the checkpoints' tokenizer_config.json has).
 """
 
 import json
@@ -43,7 +42,7 @@ def chat_prompt(user, image=False):
 
 
 def _added_tokens(folder):
-    """(content, special) of every added token, from added_tokens.json and tokenizer_config.json."""
+    """(content, special, id) of every added token, from added_tokens.json and tokenizer_config.json."""
     tokens = {}
     cfg_path = folder / "tokenizer_config.json"
     if cfg_path.is_file():
@@ -95,7 +94,6 @@ class Tokenizer:
     @classmethod
     def from_dir(cls, folder, add_image_markers=False):
         """tokenizer.json if present, else the slow-format files (vocab.json + merges.txt + added tokens).
-
         add_image_markers: append <im_start> and <im_end> when the files lack them, as the official
         initialize_vision_tokenizer does to the Qwen2.5 tokenizer at the start of stage 1 (ids 151665, 151666)."""
         folder = Path(folder)
@@ -137,8 +135,7 @@ class Tokenizer:
         return ids
 
     def save(self, folder):
-        """tokenizer.json plus the slow-format files the official loader reads (vocab.json, merges.txt,
-        added_tokens.json, tokenizer_config.json), so an export loads in both codebases."""
+        """tokenizer.json plus the slow-format files the official loader reads, so an export loads in both codebases."""
         folder = Path(folder)
         self.tok.save(str(folder / "tokenizer.json"))
         bpe = json.loads(self.tok.to_str())["model"]

@@ -1,10 +1,9 @@
 """Training Scale-RAE (arXiv 2601.16208): stage 1, stage 2 and the RAE pixel decoder, in one flat SPMD script.
 
-Reads top to bottom: arguments, setup, model, data, checkpoints, the loop, the export; defaults are the official
-trainer's (scale_rae/train/). Stage 1: Qwen2.5-Instruct (+ mean-initialized <im_start>/<im_end>) with fresh latent
-queries, projectors and DiT, loss = CE + 2.0 x diffusion loss; stage 2 continues from its export; the decoder stage
-trains RAE's pixel decoder on frozen latents (L1 + MSE, latent noise; no LPIPS, GAN or EMA). torch_xla SPMD when
-PJRT_DEVICE is set (mesh (data, fsdp), FSDPv2-style sharding, one graph per step, logs in step closures), else plain
+Defaults are the official trainer's (scale_rae/train/). Stage 1: Qwen2.5-Instruct (+ mean-initialized <im_start>,
+<im_end>) with fresh latent queries, projectors and DiT, loss = CE + 2.0 x diffusion loss; stage 2 continues from its
+export; the decoder stage trains RAE's pixel decoder on frozen latents (L1 + MSE, latent noise; no LPIPS, GAN or EMA).
+torch_xla SPMD when PJRT_DEVICE is set (mesh (data, fsdp), FSDPv2-style sharding, one graph per step), else plain
 PyTorch on one device. Unlike the official code, a resume restores the optimizer state, the data position and the RNG.
 """
 
@@ -35,7 +34,6 @@ from tokenizer import Tokenizer
 from weights import WeightsError, read_config, resolve, write_atomic
 
 # ---- Arguments ----
-
 STAGE_DEFAULTS = {  # the official values; the decoder's are RAE's (ViT-XL recipe)
     "1": dict(lr=5.65e-5, warmup_ratio=0.0134, seq_len=512, log_every=100),
     "2": dict(lr=5.66e-5, warmup_ratio=0.03, seq_len=1024, log_every=10),
@@ -44,12 +42,10 @@ STAGE_DEFAULTS = {  # the official values; the decoder's are RAE's (ViT-XL recip
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--stage", required=True, choices=["1", "2", "decoder"])
-parser.add_argument("--preset", choices=["toy"], help="the toy LLM, DiT and decoder presets (with a toy --encoder "
-                    "and --tokenizer, as toy.py writes them)")
+parser.add_argument("--preset", choices=["toy"], help="toy LLM, DiT and decoder (with toy.py's --encoder, --tokenizer)")
 parser.add_argument("--init", help="stage 1: Qwen2.5 weights, folder or Hub id (default Qwen/Qwen2.5-1.5B-Instruct); "
                     "stage 2: a stage-1 export")
-parser.add_argument("--llm", help=f"stage 1: a randomly initialized LLM of this preset instead of --init "
-                    f"({', '.join(QWEN_PRESETS)})")
+parser.add_argument("--llm", help=f"stage 1: a random LLM of this preset instead of --init ({', '.join(QWEN_PRESETS)})")
 parser.add_argument("--dit", help=f"stage-1 DiT preset, default dit-2.4b ({', '.join(DIT_PRESETS)})")
 parser.add_argument("--decoder", help=f"decoder preset, default vit-xl ({', '.join(DECODER_PRESETS)})")
 parser.add_argument("--encoder", help="frozen encoder, folder or Hub id (stage 1 and decoder: default "
@@ -62,14 +58,14 @@ parser.add_argument("--resume", action="store_true", help="continue the run in -
 parser.add_argument("--steps", type=at_least(1), required=True, help="optimizer steps (the schedule's length)")
 parser.add_argument("--batch-size", type=at_least(1), help="global batch (default 128 per host, as the official runs)")
 parser.add_argument("--seq-len", type=at_least(2), help="fixed sequence length L (default 512 stage 1, 1024 stage 2)")
-parser.add_argument("--lr", type=at_least(0, float), help="LLM/decoder learning rate (default: the stage's official value)")
+parser.add_argument("--lr", type=at_least(0, float), help="LLM/decoder lr (default: the stage's official value)")
 parser.add_argument("--diff-head-lr-scale", type=at_least(0, float), default=10.0, help="diff_head lr = this x --lr")
-parser.add_argument("--warmup-ratio", type=at_least(0, float, hi=1), help="linear warmup over ceil(ratio x steps) steps")
-parser.add_argument("--min-lr-ratio", type=at_least(0, float, hi=1), default=0.0, help="the cosine ends at this fraction of the lr")
+parser.add_argument("--warmup-ratio", type=at_least(0, float, hi=1), help="linear warmup for ceil(ratio x steps) steps")
+parser.add_argument("--min-lr-ratio", type=at_least(0, float, hi=1), default=0.0, help="the cosine ends at this x lr")
 parser.add_argument("--clip", type=at_least(0, float), default=1.0, help="global gradient-norm clipping")
-parser.add_argument("--vision-coef", type=at_least(0, float), default=2.0, help="loss = CE + vision_coef x diffusion loss")
-parser.add_argument("--diffusion-timesteps-per-sample", type=at_least(1), default=1, help="stages 1 and 2: K timesteps per "
-                    "image (official K-tiling: K DiT passes per LLM pass; the released runs use 1)")
+parser.add_argument("--vision-coef", type=at_least(0, float), default=2.0, help="loss = CE + this x diffusion loss")
+parser.add_argument("--diffusion-timesteps-per-sample", type=at_least(1), default=1, help="stages 1 and 2: K "
+                    "timesteps per image (official K-tiling: K DiT passes per LLM pass; the released runs use 1)")
 parser.add_argument("--noise-tau", type=at_least(0, float), default=0.8, help="decoder: latent noise sigma ~ U(0, tau) (RAE)")
 parser.add_argument("--no-grad-ckpt", action="store_true", help="keep activations, do not recompute (faster on a CPU)")
 parser.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=0)
@@ -79,7 +75,7 @@ parser.add_argument("--keep", type=at_least(1), default=5, help="checkpoints kep
 parser.add_argument("--peak-tflops", type=at_least(0, float), help="peak TFLOP/s of one chip, for the MFU in the logs")
 parser.add_argument("--backend", choices=["auto", "xla", "torch"], default="auto",
                     help="auto: torch_xla SPMD when PJRT_DEVICE is set, else plain PyTorch")
-parser.add_argument("--data-parallel", type=at_least(1), default=1, help="size of the mesh's `data` axis (fsdp = the rest)")
+parser.add_argument("--data-parallel", type=at_least(1), default=1, help="the mesh's `data` axis size (fsdp: the rest)")
 args = parser.parse_args()
 
 toy = args.preset == "toy"
@@ -122,7 +118,6 @@ if args.stage == "2" and (num_tokens(enc), enc.hidden_size) != (init_config.imag
                  f"in {args.init} was trained on {init_config.image_tokens} of {init_config.mm_hidden_size}")
 
 # ---- Setup: backend, devices, mesh, run folder ----
-
 USE_XLA = args.backend == "xla" or (args.backend == "auto" and "PJRT_DEVICE" in os.environ)
 args.backend = "xla" if USE_XLA else "torch"  # saved resolved: a checkpoint of one backend does not load in the other
 saved = Path(args.out) / "args.json"
@@ -210,7 +205,6 @@ if USE_XLA:
     xm.set_rng_state(args.seed)
 
 # ---- Model: what is trained, what is frozen, the loss of one batch ----
-
 if args.stage == "2":
     model = ScaleRAE.from_pretrained(init_folder)
 encoder = load_encoder(encoder_path)  # frozen: eval mode, requires_grad False; replicated over the devices
@@ -259,8 +253,7 @@ n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 log(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, encoder {encoder_path} (frozen), "
     f"{'torch_xla SPMD on ' + str(n_devices) + ' devices, ' + str(world) + ' host(s)' if USE_XLA else device}")
 
-if not args.no_grad_ckpt:  # recompute each LLM layer and DiT block (decoder: each layer) in the backward pass, as
-    # the official FSDPv2 wrapping does; torch_xla's version also fences it with optimization barriers
+if not args.no_grad_ckpt:  # recompute blocks in the backward (official FSDPv2); torch_xla's adds optimization barriers
     if USE_XLA:
         from torch_xla.distributed.fsdp import checkpoint_module
     else:
@@ -333,12 +326,11 @@ def train_step(batch):
 
 
 # ---- Data: this host's shard of the stream, fixed-shape batches ----
-
 stream = SampleStream(source, tokenizer, args.seq_len, rank=rank, world=world,
                       seed=args.seed, images_only=args.stage == "decoder", image_tokens=encoder.num_tokens)
 
-# ---- Checkpoints: a temporary folder, renamed when complete (manifest last); the newest intact one resumes ----
 
+# ---- Checkpoints: a temporary folder, renamed when complete (manifest last); the newest intact one resumes ----
 def checkpoints():
     return sorted(out.glob("ckpt-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
 
@@ -427,7 +419,6 @@ else:
                          f"ckpt-* folders out of it and --resume again")
 
 # ---- Training loop ----
-
 meter = dict(time=time.perf_counter(), step=start)
 total_flops = flops_per_sample() * args.batch_size
 tokens_per_sample = args.seq_len if args.stage != "decoder" else encoder.num_tokens
@@ -479,7 +470,6 @@ for step in range(start + 1, args.steps + 1):
         log(f"saved {out / f'ckpt-{step}'}")
 
 # ---- Export: the official on-disk format (sample.py loads it) ----
-
 model.to("cpu")  # gathers the shards; every host takes part
 if rank == 0:
     model.save_pretrained(out / "export", *([] if args.stage == "decoder" else [tokenizer]))

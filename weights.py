@@ -4,8 +4,7 @@ Every component loads through the same functions, so every loader behaves the sa
   resolve(path)              a local folder as is, or a Hub repo downloaded once into the huggingface_hub cache;
   read_config / from_dict    config.json, and a config dataclass from it (unknown keys ignored);
   read_safetensors(folder)   `model.safetensors` or a sharded `model.safetensors.index.json`, memory-mapped;
-  load_strict(module, sd)    one clear error listing every missing, unexpected or mis-shaped key, never a silent
-                             partial load (the official loaders use strict=False and ignore mismatches).
+  load_strict(module, sd)    every missing, unexpected or mis-shaped key in one error (official: strict=False, silent).
 Modules are built on the `meta` device and filled with `assign=True`, so a 7B model never exists twice in RAM.
 Files and folders are written under a temporary name and renamed when complete, so a crash never leaves half of one.
 """
@@ -84,12 +83,9 @@ def safetensors_files(folder):
 
 
 def read_safetensors(folder, prefix="", keep=None, cast=lambda name, tensor: tensor):
-    """{name: tensor} of the tensors whose name starts with `prefix` (stripped), memory-mapped on the CPU.
-
-    `keep`, a tuple of name prefixes (after stripping), selects a part of a larger checkpoint. Only the selected
-    tensors are read, so loading `vision_model.` from a full SigLIP checkpoint never touches the text tower.
-    `cast` (see caster) converts each tensor as it is read, so a load holds one mapped shard at a time in host memory.
-    """
+    """{name: tensor} of the tensors whose name starts with `prefix` (stripped), memory-mapped on the CPU. `keep`, name
+    prefixes (after stripping), limits what is read: `vision_model.` of a full SigLIP never touches the text tower.
+    `cast` (see caster) converts each tensor as it is read: host memory holds one mapped shard at a time."""
     out = {}
     for f in safetensors_files(folder):
         try:
@@ -104,9 +100,8 @@ def read_safetensors(folder, prefix="", keep=None, cast=lambda name, tensor: ten
 
 
 def write_atomic(path, write):
-    """Write a file under a new temporary name in its folder, then rename it: a crash never leaves half a file, a
-    failed write leaves nothing, and no other file is touched. The file gets the user's umask, like any other.
-    `write(tmp_path)` writes the content; `write` may also be the bytes."""
+    """Write `path` under a new temporary name in its folder, then rename it: a failed write leaves nothing, no other
+    file is touched, the file gets the user's umask. `write` is the bytes, or a callable write(tmp_path)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
@@ -122,8 +117,7 @@ def write_atomic(path, write):
 
 
 def check_writable(folder):
-    """ValueError now, not after minutes of work, when no file can be created in `folder` (or, while it does not
-    exist yet, in its nearest existing parent): a probe file is created there and removed."""
+    """ValueError now, not after minutes of work, if `folder` (if absent: its nearest existing parent) is unwritable."""
     folder = Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
@@ -133,8 +127,7 @@ def check_writable(folder):
 
 
 def write_folder(folder, write):
-    """Write a new folder as `folder.tmp` with `write(tmp_path)`, then rename it. An existing folder is never
-    overwritten; a `.tmp` left by a killed write is discarded."""
+    """Write `folder` as `folder.tmp` with `write(tmp_path)`, then rename it; a killed write's `.tmp` is discarded."""
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} exists; write to a new folder")
@@ -155,9 +148,8 @@ def save_safetensors(state_dict, path, metadata=None):
 
 
 def caster(module, dtype=None, device="cpu"):
-    """(name, tensor) -> the tensor as `module` holds it, on `device`: parameters in `dtype` (default: the module's);
-    floating persistent buffers are fixed tables (positions, rotation angles), kept in float32 so that a bfloat16 model
-    keeps exact angles."""
+    """(name, tensor) -> the tensor as `module` holds it, on `device`: parameters in `dtype` (default: the module's),
+    floating buffers (fixed tables: positions, rotation angles) in float32, so a bfloat16 model keeps exact angles."""
     params = dict(module.named_parameters())
 
     def cast(name, t):
@@ -167,13 +159,9 @@ def caster(module, dtype=None, device="cpu"):
 
 
 def load_strict(module: nn.Module, state_dict, what, dtype=None, device="cpu", harmless=()):
-    """Load `state_dict` into `module` (built on `meta`) with assign=True after checking every key; returns the module
-    on `device`, in eval mode.
-
-    Keys in `harmless` (tensors the model does not use, such as MAE's `mask_token`) are dropped with a one-line note.
-    Non-persistent buffers (tables the module computes itself) are not in the file and keep their own values; the
-    others are cast by caster(module, dtype, device).
-    """
+    """Load `state_dict` into `module` (built on `meta`) after checking every key; returns it on `device`, in eval mode.
+    Keys in `harmless` (unused tensors, such as MAE's `mask_token`) are dropped with a warning. Non-persistent buffers
+    (tables the module computes) are not in the file and keep their values; the others are cast by caster()."""
     extra = [k for k in harmless if state_dict.pop(k, None) is not None]
     if extra:
         warnings.warn(f"{what}: ignoring {extra}, which the model does not use")
