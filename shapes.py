@@ -1,10 +1,8 @@
 """The toy world: synthetic captioned shapes, rendered on the toy encoder's token grid, their analyzer, and the toy's
-tokenizer and encoder.
-
-A dataset with no download in the official JSONL format: generation samples ("Can you generate two small red circles
-on the left?") and understanding ones (image + question -> one word). The analyzer reads the attributes back from
-any image without learning, so evaluate.py scores generated images GenEval-style. The core never imports this file.
-"""
+tokenizer and encoder. A dataset with no download in the official JSONL format: generation samples ("Can you generate
+two small red circles on the left?") and understanding ones (image + question -> one word). The analyzer reads the
+attributes back from any image without learning, so evaluate.py scores generated images GenEval-style. The core never
+imports this file."""
 
 import json
 import random
@@ -68,7 +66,6 @@ class Shapes:
 
 
 def describe(s):
-    """'two small red circles on the left'."""
     what = f"{s.size} {s.color} {s.shape}" + ("s" if s.count > 1 else "")
     return f"{'a' if s.count == 1 else COUNT_WORDS[s.count]} {what} {WHERE[s.position]}"
 
@@ -107,9 +104,8 @@ def random_shapes(rng, holdout=()):
 
 
 def layout(s):
-    """The grid cells of s's shapes (top-left corners (x0, y0)): a row of s.count shapes one cell apart, vertical on
-    the left/right and horizontal elsewhere, centered on the position's anchor. One layout per (count, size,
-    position), so the prompt alone says where each shape token goes."""
+    """The grid cells (top-left corners (x0, y0)) of s's shapes: s.count in a line, one cell apart, centered on the
+    position's anchor. One layout per (count, size, position), so the prompt alone says where each shape token goes."""
     n = SIZE_CELLS[s.size]
     ax, ay = ANCHORS[s.position]
     vertical = s.position in ("left", "right")
@@ -140,8 +136,7 @@ def render_shapes(s, rng, image_size=224):
 
 
 def shapes_sample(seed, index, image_size=224, understanding_fraction=0.5, holdout=()):
-    """(record, image) of sample `index`: the same for a given seed whatever the dataset size. A record has the
-    official fields: conversations and metadata (attributes, pixel boxes, task, question, answer)."""
+    """(official-format record, image) of sample `index`: the same for a given seed whatever the dataset size."""
     rng = random.Random(seed * 1_000_003 + index)
     s = random_shapes(rng, holdout)
     image, boxes = render_shapes(s, rng, image_size)
@@ -175,9 +170,8 @@ def write_shapes_dataset(folder, n, seed=0, image_size=224, understanding_fracti
 
 def train_tokenizer(texts, vocab_size):
     """Qwen2's byte-level BPE (tokenizer.build_bpe) trained on `texts`, then SPECIAL_TOKENS (ids vocab_size - 5 ...,
-    after the BPE as in Qwen), so the chat template and `Tokenizer` work unchanged. Exactly vocab_size tokens, or
-    ValueError when the texts have too few distinct pairs to merge. Special tokens and <image> are cut out of the
-    texts first: they must never become merges."""
+    after the BPE as in Qwen), so the chat template and `Tokenizer` work unchanged: exactly vocab_size tokens, or
+    ValueError. Special tokens and <image> are cut out of the texts first: they must never become merges."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size {vocab_size} < {256 + len(SPECIAL_TOKENS)} (256 bytes + the special tokens)")
     cut = re.compile("|".join(map(re.escape, SPECIAL_TOKENS + (IMAGE_PLACEHOLDER,))))
@@ -201,8 +195,7 @@ TOY_ENCODER = SiglipVisionConfig(hidden_size=96, intermediate_size=192, num_hidd
 @torch.no_grad()
 def init_siglip(encoder):
     """SigLIP's own initialization (transformers' SiglipPreTrainedModel) of a new SigLIP2Encoder (its LayerNorms are
-    already 1 and 0). Unlike PyTorch's defaults (positions ~ N(0, 1)), it lets image content, not position, dominate
-    the tokens: positions ~ N(0, 1/C), LeCun-normal patches, Xavier-uniform projections."""
+    already 1 and 0). Unlike PyTorch's positions ~ N(0, 1), it lets image content, not position, dominate the tokens."""
     emb = encoder.embeddings
     nn.init.normal_(emb.position_embedding.weight, std=encoder.hidden_size ** -0.5)
     fan_in = emb.patch_embedding.weight[0].numel()
@@ -233,8 +226,7 @@ def save_siglip(encoder, folder):
                                                         vision_config=asdict(encoder.config)), indent=2))
 
 
-# Analyzer: the attributes a shapes image shows, read back deterministically. TOY_HOLDOUT: the (color, shape) pairs
-# the toy never sees in training (each color and shape still appears with others), evaluate.py's held-out set.
+# Analyzer. TOY_HOLDOUT: evaluate.py's held-out (color, shape) pairs (each color and shape is trained with others).
 TOY_HOLDOUT = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
 SCORED = ("color", "shape", "position", "count")  # what a prompt is scored on (GenEval-like); size is reported too
 
@@ -245,9 +237,8 @@ FILL_TRIANGLE, FILL_SQUARE = 0.69, 0.87  # bounding-box fill: triangle 1/2 < 0.6
 
 
 def connected_components(mask):
-    """(labels, n): the 4-connected components of a boolean (H, W) mask, labelled 1..n (0 = background). Each pixel
-    starts with its own flat index; labels propagate as the minimum over 4-neighbours, with pointer jumping
-    (label <- label[label]), until nothing changes: a few dozen vectorized numpy passes."""
+    """(labels, n): the 4-connected components of a boolean (H, W) mask, labelled 1..n (0 = background). Flat pixel
+    indices propagate as the minimum over 4-neighbours, with pointer jumping, until stable: a few dozen numpy passes."""
     h, w = mask.shape
     big = h * w
     lab = np.where(mask, np.arange(big).reshape(h, w), big)
@@ -268,9 +259,8 @@ def connected_components(mask):
 
 
 def blend(pixels, color):
-    """(coverage, residual) of pixels (..., 3) seen as blends a·color + (1 - a)·B, with a in [0, 1] and the background
-    B (of the six) that fits best: anti-aliased or blurred edges get their partial coverage, and the residual says
-    how well `color` explains the pixel at all."""
+    """(coverage, residual) of pixels (..., 3) as blends a·color + (1 - a)·B, a in [0, 1], B the best-fitting
+    background: anti-aliased or blurred edges get their partial coverage; the residual: how well `color` fits at all."""
     bg = PALETTE[len(COLORS):]                                    # (6, 3)
     d = np.asarray(color, np.float32) - bg                        # (6, 3) background -> color
     pd = pixels @ d.T - (bg * d).sum(-1)                          # (..., 6) (p - B)·d, as matrix products
@@ -284,10 +274,9 @@ def blend(pixels, color):
 
 def analyze_shapes(image):
     """dict(color, shape, position, count, size) of a shapes image, None where unreadable (no shapes: count 0); from
-    48 px, through blur, noise and stray pixels. color: the shape color whose blends with the backgrounds best fit
-    most pixels nearest a shape color; the 4-connected components of those, minus noise, are the shapes (count);
-    each is measured on its sub-pixel coverage: shape by fill = area / (width x height), majority vote; position: the
-    anchor nearest the mean center; size: the size whose SIZE_CELLS / GRID is nearest the median side."""
+    48 px, through blur, noise and stray pixels. color: the shape color whose blends with the backgrounds best fit most
+    pixels nearest a shape color; the 4-connected components of those, minus noise, are the shapes (count), each
+    measured on its sub-pixel coverage (shape: by fill = area / (width x height), majority vote)."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
     h, w = pixels.shape[:2]
     nearest = ((PALETTE ** 2).sum(-1) - 2 * pixels @ PALETTE.T).argmin(-1)  # (H, W) nearest palette entry
@@ -330,8 +319,7 @@ def analyze_shapes(image):
 
 
 def read_answer(text, attribute):
-    """The first word of a free-text answer that is a possible answer to `attribute` ('Two circles.' -> 'two' for
-    count, 'circle' for shape; digits count as words), or None."""
+    """The first word of `text` answering `attribute` ('Two circles.': 'two' for count, 'circle' for shape), or None."""
     for word in re.findall(r"[a-z0-9]+", text.lower()):
         word = COUNT_WORDS.get(int(word), word) if word.isdigit() else word
         for candidate in (word, word[:-1] if word.endswith("s") else None):
