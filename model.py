@@ -251,9 +251,7 @@ class Qwen2ForCausalLM(nn.Module):
         return load_strict(model, sd, f"{cls.__name__} weights in {folder}", dtype, device)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Part 2: Scale-RAE
-
+# ---- Part 2: Scale-RAE ----------------------------------------------------------------------------------------
 @dataclass
 class ScaleRAEConfig(QwenConfig):
     """The official config.json: a Qwen2 config plus the multimodal fields (official names in from/to_official)."""
@@ -288,8 +286,7 @@ class ScaleRAEConfig(QwenConfig):
             problems.append(f"tokenizer_model_max_length={max_length!r} (a positive integer)")
         if d.get("diffusion_model_z_channels") == 0:
             problems.append("diffusion_model_z_channels=0 (a DiT without diff_head_projector)")
-        # The official DiT is built for input_size=16; the token count is read from the config (the toy model has 64).
-        tokens = d.get("mm_vision_tower_aux_token_len_list", [256])[0]
+        tokens = d.get("mm_vision_tower_aux_token_len_list", [256])[0]  # the official DiT fixes 256; the toy has 64
         side = math.isqrt(tokens)
         if side * side != tokens:
             problems.append(f"mm_vision_tower_aux_token_len_list=[{tokens}] (must be a square grid)")
@@ -408,14 +405,12 @@ class ScaleRAE(Qwen2ForCausalLM):
 
     @torch.no_grad()
     def generate(self, prompts, stop_ids, image_start_id, image_features=None, max_new_tokens=512, official=False):
-        """Greedy decoding of a batch of prompts with a KV cache, as the official loop does without one.
-
-        prompts: lists of token ids; a run of 256 IMAGE_TOKEN slots holds row i of image_features (N, 256, C)
-        (understanding). A row stops at a stop id (kept), at max_new_tokens, or when it emits <im_start>: then
-        <im_start> and the 256 latent queries are appended in one block, and the projected post-norm hidden states of
-        the queries become its DiT condition (as official, no text follows an image). official: no cache, the official
-        loop's arithmetic (see forward). Returns per prompt (generated ids, condition (256, Z) or None).
-        """
+        """Greedy decoding of a batch of prompts with a KV cache, as the official loop does without one. prompts: lists
+        of token ids; a run of 256 IMAGE_TOKEN slots holds row i of image_features (N, 256, C) (understanding). A row
+        stops at a stop id (kept), at max_new_tokens, or when it emits <im_start>: then <im_start> + the 256 latent
+        queries are appended in one block, and the queries' projected post-norm hidden states become its DiT condition
+        (as official, no text follows an image). official: no cache, the official loop's arithmetic (see forward).
+        Returns per prompt (generated ids, condition (256, Z) or None)."""
         device, dtype = self.model.norm.weight.device, self.model.norm.weight.dtype
         T = self.config.image_tokens
         B, P = len(prompts), max(map(len, prompts))
@@ -440,8 +435,7 @@ class ScaleRAE(Qwen2ForCausalLM):
         h = forward(x.bfloat16() if official and image_features is not None else x)  # official: in bf16 with an image
         out, active, wants_image = [[] for _ in range(B)], [True] * B, [False] * B
         for step in range(max_new_tokens):
-            # (B,) first maximum on ties, like torch.argmax; official: the logits of every column, as its loop computes
-            token = self.logits(h if official else h[:, -1:])[:, -1].argmax(-1)
+            token = self.logits(h if official else h[:, -1:])[:, -1].argmax(-1)  # (B,); official: every column's logits
             for b, t in enumerate(token.tolist()):  # one host sync per token: the loop must decide whether to stop
                 if active[b]:
                     out[b].append(t)
@@ -497,8 +491,7 @@ class ScaleRAE(Qwen2ForCausalLM):
     config_class = ScaleRAEConfig
 
     def save_pretrained(self, folder, tokenizer):
-        """Export in the official layout: config.json, model.safetensors (official keys, float32), tokenizer files.
-        Written into a temporary folder that is renamed at the end; an existing folder is never overwritten."""
+        """Export to a new folder in the official layout: config.json, model.safetensors (float32), tokenizer files."""
         def write(tmp):
             save_safetensors({k: v.float() for k, v in self.state_dict().items()}, tmp / "model.safetensors",
                              metadata={"format": "pt"})
