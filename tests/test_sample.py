@@ -151,7 +151,7 @@ def test_no_image_when_the_model_never_opens_one(dirs, tmp_path, capsys):
     (["--prompt", "x", "--cfg-interval", "0.9", "0.1"], "needs LO <= HI"),
     (["--prompt", "x", "--cfg-interval", "0", "nan"], "--cfg-interval: must be >= 0 and <= 1"),
     (["--prompt", "x", "--seed", str(2**63)], "--seed: must be >= 0 and <= 9223372036854775807"),
-    (["--prompt", "x", "--num-images", "10001"], "--num-images: must be >= 1 and <= 10000"),
+    (["--prompt", "x", "--num-images", "10001"], "--num-images/--n-samples: must be >= 1 and <= 10000"),
     (["--prompt", "x", "--device", "tpu9"], "--device: "),
     (["--prompt", "x", "--device", "cpu:notanumber"], "--device: "),
     (["--prompt", "x", "--output-dir", "/proc/outputs"], "cannot write in /proc/outputs"),
@@ -177,7 +177,7 @@ def png_header(width, height):
 @pytest.mark.parametrize("name,content,message", [
     ("bomb.png", png_header(14000, 14000), "not a readable image (DecompressionBombError"),
     ("nan.safetensors", None, "finite numbers"),
-    ("prompts.jsonl", b'{"prompt": "a cat"}\n{"prompt": 5}\n', "line 2: the prompt must be a string"),
+    ("prompts.jsonl", b'{"prompt": "a cat"}\n{"prompt": 5}\n', "line 2: needs a string prompt"),
     ("bad.jsonl", b'{"prompt": "a cat"}\n\n{"prompt": \n', "line 3: not a JSON object"),
     ("file", b"", "Not a directory"),
 ])
