@@ -2,10 +2,12 @@
 attribute combinations, and understanding accuracy on real and generated images. Deterministic.
 
     python evaluate.py --model-path toy --num-prompts 100 --seed 0 --grid eval.png --json eval.json
+    python evaluate.py --scaling-rounds 4 --metric loss   # test-time scaling: the model keeps the best of 4
 
 Half the prompts ask for a (color, shape) pair seen in training, half for one of shapes.TOY_HOLDOUT; each image is
 read back by shapes.analyze_shapes ("overall": color, shape, position and count right). Understanding: the training
-questions about rendered images, and about each generated latent fed back (README, "Toy recipe").
+questions about rendered images, and about each generated latent fed back (README, "Toy recipe"). --scaling-rounds K
+keeps the best of K candidates, as the toy itself verifies them (verify.py; README, "Test-time scaling").
 """
 
 import argparse
@@ -21,8 +23,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from model import at_least, available_device, load_pipeline
-from shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes,
+from shapes import (ANSWERS, COLORS, COUNT_WORDS, POSITIONS, QUESTIONS, SCORED, SHAPES, SIZES, TOY_HOLDOUT, Shapes,
                     analyze_shapes, generation_prompt, random_shapes, read_answer, render_shapes, shapes_question)
+from verify import METRICS, select, verify
 from weights import WeightsError, check_writable, write_atomic
 
 ATTRIBUTES = SCORED + ("size",)
@@ -39,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--guidance-level", "--cfg", dest="guidance_level", type=at_least(0, float), default=1.0)
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, help="per answer, and before an image opens")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="prompts per LLM batch and images per DiT batch")
+    p.add_argument("--n-samples", type=at_least(1), default=1, help="images scored per prompt")
+    p.add_argument("--scaling-rounds", type=at_least(1), default=1, help="draw n-samples x this, keep the best")
+    p.add_argument("--metric", choices=METRICS, default="loss", help="how the candidates are ranked")
     p.add_argument("--device", type=available_device, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--grid", help="write a PNG grid of the samples with their prompts here")
@@ -164,22 +170,29 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     dtype = model.model.norm.weight.dtype
 
-    # Generation: one image per prompt, prompt i from seed + i.
-    t0 = time.perf_counter()
-    samples = prompt_set(args.seed, args.num_prompts)
-    for r, (text, cond) in zip(samples, ask(model, tokenizer, [r["prompt"] for r in samples], None, args)):
-        r.update(text=text, cond=cond, latent=None, image=None)
-    drawn = [(i, r) for i, r in enumerate(samples) if r["cond"] is not None]
+    # Generation: n-samples x scaling-rounds candidates per prompt, candidate k of prompt i from seed + i * per + k.
+    t0, per, n = time.perf_counter(), args.n_samples * args.scaling_rounds, args.batch_size
+    prompts = prompt_set(args.seed, args.num_prompts)
+    for r, (text, cond) in zip(prompts, ask(model, tokenizer, [r["prompt"] for r in prompts], None, args)):
+        r.update(text=text, cond=cond, kept=[(None, None)] * args.n_samples)
+    drawn = [(i * per + k, r) for i, r in enumerate(prompts) if r["cond"] is not None for k in range(per)]
     if drawn:
         latents = model.sample_latents(torch.stack([r["cond"] for _, r in drawn]), [args.seed + i for i, _ in drawn],
-                                       args.steps, args.guidance_level, batch_size=args.batch_size)
-        images = [im for i in range(0, len(latents), args.batch_size)
-                  for im in rae.to_pil(rae.decode(latents[i:i + args.batch_size].to(dtype)))]
-        for (_, r), x, image in zip(drawn, latents, images):
-            r.update(latent=x, image=image)
+                                       args.steps, args.guidance_level, batch_size=n)
+        images = [im for i in range(0, len(latents), n) for im in rae.to_pil(rae.decode(latents[i:i + n].to(dtype)))]
+        if args.scaling_rounds > 1:  # the toy asks its questions about each latent, expecting the prompt's answers
+            checks = [[shapes_question(r["shapes"], a) + (ANSWERS[a],) for a in SCORED] for _, r in drawn]
+            described = [[c[:2] for c in q] for q in checks]  # the expected answers' loss: metric "loss"
+            scores = verify(model, tokenizer, latents.to(dtype), checks, described, args.max_new_tokens, n)
+        for j in range(0, len(drawn), per):  # one prompt's candidates, the best first
+            best = select(scores[j:j + per], args.metric, args.n_samples) if args.scaling_rounds > 1 else range(per)
+            drawn[j][1]["kept"] = [(latents[j + k], images[j + k]) for k in best]
+    samples = [dict(r, latent=x, image=image) for r in prompts for x, image in r["kept"]]
     for r in samples:
         r["found"], r["right"] = score(r["shapes"], r["image"])
-    print(f"generation: {len(samples)} prompts, {len(drawn)} images in {time.perf_counter() - t0:.1f}s")
+    seconds = time.perf_counter() - t0
+    print(f"generation: {len(prompts)} prompts, {len(drawn)} images, {len(samples)} kept in {seconds:.1f}s "
+          f"({seconds / len(prompts):.2f}s a prompt)")
 
     # Understanding: questions about real images, and about the generated latents fed back as image features.
     t0 = time.perf_counter()
@@ -194,15 +207,15 @@ def main(argv=None):
         answers = ask(model, tokenizer, [q["question"] for q in real], features, args)
         for q, (text, _) in zip(real, answers):
             q.update(text=text, right=dict(answer=read_answer(text, q["attribute"]) == q["answer"]))
-    generated = []
-    for k, (_, r) in enumerate(drawn):
+    generated, drawn = [], [r for r in samples if r["latent"] is not None]
+    for k, r in enumerate(drawn):
         attribute = list(QUESTIONS)[k % len(QUESTIONS)]
         question, answer = shapes_question(r["shapes"], attribute)
         found = r["found"][attribute]  # what the analyzer reads, as an answer word
         generated.append(dict(attribute=attribute, question=question, answer=answer,
                               analyzer=COUNT_WORDS.get(found) if attribute == "count" else found))
     if generated:
-        features = torch.stack([r["latent"] for _, r in drawn]).to(dtype)
+        features = torch.stack([r["latent"] for r in drawn]).to(dtype)
         answers = ask(model, tokenizer, [q["question"] for q in generated], features, args)
         for q, (text, _) in zip(generated, answers):
             said = read_answer(text, q["attribute"])
@@ -218,6 +231,8 @@ def main(argv=None):
         print(f"wrote {args.grid}")
     if args.json:
         out = dict(model_path=args.model_path, decoder_repo=args.decoder_repo, seed=args.seed, steps=args.steps,
+                   n_samples=args.n_samples, scaling_rounds=args.scaling_rounds, metric=args.metric,
+                   seconds_per_prompt=seconds / len(prompts),
                    guidance_level=args.guidance_level, dtype=str(dtype).split(".")[-1], holdout=TOY_HOLDOUT, **summary,
                    samples=[dict(prompt=r["prompt"], split=r["split"], target={k: getattr(r["shapes"], k) for k in
                                  ATTRIBUTES}, text=r["text"], image=r["image"] is not None, found=r["found"],

@@ -258,6 +258,20 @@ def test_evaluate_end_to_end_writes_table_json_and_grid(checkpoint, tmp_path, ca
     assert grid.width == 6 * 160 and grid.height > 160  # one row of 6 cells, prompts below
 
 
+def test_best_of_k_keeps_one_of_the_candidates_the_toy_ranks(checkpoint, tmp_path, monkeypatch):
+    def run(name, *args):
+        evaluate.main(["--model-path", str(checkpoint), "--device", "cpu", "--num-prompts", "4", "--num-questions", "0",
+                       "--steps", "2", "--json", str(tmp_path / name), *args])
+    run("all.json", "--n-samples", "2")  # both candidates of each prompt: seeds seed + 2 i + k, as best-of-2 draws them
+    ranked = []
+    monkeypatch.setattr(evaluate, "select", lambda scores, metric, n: ranked.append(scores) or [1])
+    run("best.json", "--scaling-rounds", "2", "--metric", "loss")
+    every, best = (json.loads((tmp_path / name).read_text()) for name in ("all.json", "best.json"))
+    assert len(every["samples"]) == 8 and len(best["samples"]) == 4 and best["scaling_rounds"] == 2
+    assert [len(s) for s in ranked] == [2] * 4 and all(s[0]["responses"] and "prompt_loss" in s[0] for s in ranked)
+    assert [s["found"] for s in best["samples"]] == [s["found"] for s in every["samples"][1::2]]  # the one chosen
+
+
 @pytest.mark.parametrize("args,message", [
     (["--num-prompts", "0"], "--num-prompts: must be >= 1"),
     (["--num-questions", "-1"], "--num-questions: must be >= 0"),
