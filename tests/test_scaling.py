@@ -151,9 +151,11 @@ def test_best_of_n_writes_the_geneval_layout_split_over_processes_and_resumes(di
     for rank in (0, 1):  # two processes, as torchrun starts them
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        scale(dirs, tmp_path / "two", *args)
+        scale(dirs, tmp_path / "two", *args, "--post-qa-mode", ["latent", "image"][rank])  # image: the PNG re-encoded
         assert sorted(p.name for p in (tmp_path / "two" / "candidates").iterdir()) == [
             f"{i:05d}" for i in range(3) if i % 2 == rank or rank]  # rank 1 adds the odd ones, no prompt twice
+    meta = json.loads((tmp_path / "two" / "candidates" / "00001" / "metadata.jsonl").read_text())
+    assert meta["post_qa_mode"] == "image" and len(meta["text_responses"]["0"]["responses"]) == 1
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     scale(dirs, tmp_path / "one", *args)
