@@ -36,7 +36,7 @@ def parse_args(argv=None):
     command = argv.pop(0) if argv and argv[0] in COMMANDS else None
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="text prompt (request-style works best: 'Can you generate a photo of ...?')")
-    p.add_argument("--prompts-file", "--metadata-file", help="one prompt per line, or JSONL with a 'prompt' field")
+    p.add_argument("--prompts-file", "--metadata-file", "--metadata_file", help="a prompt a line, or JSONL")
     p.add_argument("--model-path", default=DEFAULT_MODEL, help="Hub id or local folder of a Scale-RAE checkpoint")
     p.add_argument("--decoder-repo", help="RAE decoder (default: the checkpoint's decoder/, or its encoder's release)")
     p.add_argument("--encoder-path", help="encoder, read for --image and --post-qa-mode image (default: the model's)")
