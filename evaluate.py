@@ -207,15 +207,15 @@ def main(argv=None):
         answers = ask(model, tokenizer, [q["question"] for q in real], features, args)
         for q, (text, _) in zip(real, answers):
             q.update(text=text, right=dict(answer=read_answer(text, q["attribute"]) == q["answer"]))
-    generated, drawn = [], [r for r in samples if r["latent"] is not None]
-    for k, r in enumerate(drawn):
+    generated, made = [], [r for r in samples if r["latent"] is not None]  # the kept images
+    for k, r in enumerate(made):
         attribute = list(QUESTIONS)[k % len(QUESTIONS)]
         question, answer = shapes_question(r["shapes"], attribute)
         found = r["found"][attribute]  # what the analyzer reads, as an answer word
         generated.append(dict(attribute=attribute, question=question, answer=answer,
                               analyzer=COUNT_WORDS.get(found) if attribute == "count" else found))
     if generated:
-        features = torch.stack([r["latent"] for r in drawn]).to(dtype)
+        features = torch.stack([r["latent"] for r in made]).to(dtype)
         answers = ask(model, tokenizer, [q["question"] for q in generated], features, args)
         for q, (text, _) in zip(generated, answers):
             said = read_answer(text, q["attribute"])
