@@ -93,8 +93,8 @@ def parse_args(argv=None):
         (post_qa and a.post_qa_mode == "image" and a.skip_decoder, "--post-qa-mode image reads the decoded image: drop "
                                                                   "--skip-decoder, or use --post-qa-mode latent"),
         ((a.metric or a.qa_dict) and not scaling, "--metric and --qa-dict rank candidates: add --scaling-rounds > 1"),
-        (scaling and (a.image or a.latent or a.skip_decoder), "--scaling-rounds draws images: no --image, --latent "
-                                                              "or --skip-decoder"),
+        (scaling and (a.image or a.latent or a.skip_decoder or a.save_latent),
+         "--scaling-rounds writes PNGs: no --image, --latent, --skip-decoder or --save-latent"),
         (len({m["index"] for m in a.records}) < len(a.records), "two prompts have one index"),
     ]:
         if bad:

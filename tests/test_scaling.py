@@ -195,7 +195,8 @@ def test_best_of_n_writes_the_geneval_layout_split_over_processes_and_resumes(di
 
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "a cat", "--metric", "loss"], "add --scaling-rounds"),
-    (["--prompt", "a cat", "--scaling-rounds", "2", "--skip-decoder"], "--scaling-rounds draws images"),
+    (["--prompt", "a cat", "--scaling-rounds", "2", "--skip-decoder"], "--scaling-rounds writes PNGs"),
+    (["--prompt", "a cat", "--scaling-rounds", "2", "--save-latent"], "no --image, --latent, --skip-decoder or --save"),
     (["--prompt", "a cat", "--scaling-rounds", "2", "--metric", "best"], "invalid choice"),
 ])
 def test_bad_scaling_input_fails_before_loading(args, message, capsys):
