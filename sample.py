@@ -320,5 +320,6 @@ def write_prompt(images, meta, folder):
         image.save(folder / "samples" / f"{k:05d}.png")
     (folder / "metadata.jsonl").write_text(json.dumps(meta, ensure_ascii=False))
 
+
 if __name__ == "__main__":
     main()
