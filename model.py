@@ -477,22 +477,6 @@ class ScaleRAE(Qwen2ForCausalLM):
             None if image_features is None else image_features[i:i + n], max_new_tokens, official)]
 
     @torch.no_grad()
-    def answer_logits(self, tokenizer, questions, answers, image_features, batch_size=None):
-        """Teacher forcing: for chat-templated question i about image i (features (N, 256, C)) followed by the
-        token ids answers[i], the float32 vocabulary logits (len(answers[i]), V) that predict those tokens."""
-        n, out = batch_size or len(questions), []
-        for s in range(0, len(questions), n):
-            heads = [tokenizer.encode_with_image(chat_prompt(q, image=True), self.config.image_tokens)
-                     for q in questions[s:s + n]]
-            rows = [h + a for h, a in zip(heads, answers[s:s + n])]
-            ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=image_features.device)
-            for b, row in enumerate(rows):  # right padding: no real position attends to it
-                ids[b, :len(row)] = torch.tensor(row)
-            h = self(inputs_embeds=self.embed(ids, image_features[s:s + n], None))  # (B, L, H)
-            out += [self.logits(h[b, len(head) - 1:len(row) - 1]) for b, (head, row) in enumerate(zip(heads, rows))]
-        return out
-
-    @torch.no_grad()
     def sample_latents(self, conditions, seeds, steps=None, cfg_scale=1.0, cfg_interval=None, batch_size=None):
         """DiT sampling, batch_size images at a time: conditions (N, 256, Z) -> latents (N, 256, C) float32; image i
         starts from seed seeds[i], so a batch reproduces single-image results."""

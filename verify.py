@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tokenizer import chat_prompt
+
 ALIGN_QUESTION = "Does this image align with the prompt: {prompt}?"  # what the official code asks in the end
 DESCRIBE = "Describe this image."  # the official prompt_loss question; the prompt is the description scored
 YES_NO = ("yes", "no")
@@ -64,6 +66,22 @@ def judge(tokenizer, ids, logits, expected, choices):
 
 
 @torch.no_grad()
+def answer_logits(model, tokenizer, questions, answers, image_features, batch_size=None):
+    """Teacher forcing: for chat-templated question i about image i (features (N, 256, C)) followed by the token ids
+    answers[i], the float32 vocabulary logits (len(answers[i]), V) that predict those tokens, batch_size at a time."""
+    n, out = batch_size or len(questions), []
+    for s in range(0, len(questions), n):
+        heads = [tokenizer.encode_with_image(chat_prompt(q, image=True), model.config.image_tokens)
+                 for q in questions[s:s + n]]
+        rows = [h + a for h, a in zip(heads, answers[s:s + n])]
+        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=image_features.device)
+        for b, row in enumerate(rows):  # right padding: no real position attends to it
+            ids[b, :len(row)] = torch.tensor(row)
+        h = model(inputs_embeds=model.embed(ids, image_features[s:s + n], None))  # (B, L, H)
+        out += [model.logits(h[b, len(head) - 1:len(row) - 1]) for b, (head, row) in enumerate(zip(heads, rows))]
+    return out
+
+@torch.no_grad()
 def verify(model, tokenizer, features, questions, descriptions, max_new_tokens=64, batch_size=None):
     """The scores (above) of N candidates seen as image features (N, 256, C). questions[i]: the (question, expected
     answer, choices) asked about candidate i; descriptions[i]: its (question, text) pairs."""
@@ -71,8 +89,8 @@ def verify(model, tokenizer, features, questions, descriptions, max_new_tokens=6
     told = [(i, q, tokenizer.encode(text)) for i, ds in enumerate(descriptions) for q, text in ds]
     answers = [ids for ids, _ in model.chat(tokenizer, [q for _, q, _, _ in asked], features[[a[0] for a in asked]],
                                             max_new_tokens, batch_size)]
-    logits = model.answer_logits(tokenizer, [x[1] for x in asked + told], answers + [ids for *_, ids in told],
-                                 features[[x[0] for x in asked + told]], batch_size)
+    logits = answer_logits(model, tokenizer, [x[1] for x in asked + told], answers + [ids for *_, ids in told],
+                           features[[x[0] for x in asked + told]], batch_size)
     judged, scored = [[] for _ in features], [[] for _ in features]
     for (i, _, expected, choices), ids, lg in zip(asked, answers, logits):
         judged[i].append((*judge(tokenizer, ids, lg, expected, choices), confidence(lg), tokenizer.decode(ids)))

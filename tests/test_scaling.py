@@ -15,7 +15,7 @@ from helpers import random_scale_rae
 from test_rae import write_decoder
 from test_sample import official_config, write_model
 from tokenizer import chat_prompt
-from verify import DESCRIBE, METRICS, YES_NO, official_checks, select, verify
+from verify import DESCRIBE, METRICS, YES_NO, answer_logits, official_checks, select, verify
 
 
 def by_hand(model, tok, question, answer, features):
@@ -87,7 +87,7 @@ def test_teacher_forced_logits_are_those_generation_chose_from(tiny_siglip_dir, 
     model = random_scale_rae(official_config(tiny_siglip_dir)).eval()
     features, questions = torch.randn(3, 256, 32), ["What is it?", "Is it red?", "Describe this image please."]
     answers = [ids for ids, _ in model.chat(tok, questions, features, 6)]
-    logits = model.answer_logits(tok, questions, answers, features, batch_size=2)  # padded batches
+    logits = answer_logits(model, tok, questions, answers, features, batch_size=2)  # padded batches
     assert [lg.argmax(-1).tolist() for lg in logits] == answers
     for q, a, f, lg in zip(questions, answers, features, logits):
         torch.testing.assert_close(lg, by_hand(model, tok, q, a, f), atol=1e-4, rtol=1e-4)
