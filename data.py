@@ -7,8 +7,8 @@ name their image member. Tokens as preprocess_qwen (qwen_2, mm_use_im_start_end)
 tokenized alone, labels only on assistant turns and on "\n", <|im_start|>, <|im_end|>; `<image>` becomes <im_start> +
 256 IMAGE_TOKEN slots + <im_end>: a generation target in an assistant turn, understanding input in a user turn. Where we
 differ: the official WebDataset path never shuffles (set_epoch is lost in MpDeviceLoader) and resamples a bad sample at
-random; here shard order and blocks of `buffer_size` records are shuffled per epoch, bad samples are skipped and
-counted, and the stream position (epoch, shard, offset, taken) restores it exactly.
+random; here shard order and blocks of `buffer_size` records of a shard are shuffled per epoch, bad samples are
+skipped and counted, and the hosts' saved positions resume an epoch exactly, on as many hosts or on another number.
 """
 
 import functools
@@ -196,7 +196,13 @@ class Sample:
 
 class SampleStream:
     """Iterator of `Sample`s for data-parallel host `rank` of `world`, padded to max_len; endless with epochs=None.
-    images_only: skip text-only samples (decoder stage; tokenizer may be None). `stats` counts reads, uses and skips."""
+    images_only: skip text-only samples (decoder stage; tokenizer may be None). `stats` counts reads, uses and skips.
+
+    An epoch: the seed+epoch permutation of all shards (identical on all hosts), of which this host reads positions
+    rank, rank + world, ... in order, each shard in blocks of buffer_size records shuffled by a key of the shard, not
+    of the host: a shard's records come in one order whichever host reads it. So a host's progress is a cursor
+    (epoch, rank, world) -> (position, taken): its positions below `position` are done, and the first `taken` records
+    of the shard at `position`; any number of hosts can share out the rest of the epoch (`load_state_dict`)."""
 
     def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
                  epochs=None, image_tokens=IMAGE_TOKENS, images_only=False):
@@ -210,40 +216,46 @@ class SampleStream:
         self.rank, self.world, self.seed, self.shuffle, self.epochs = rank, world, seed, shuffle, epochs
         self.buffer_size = buffer_size if shuffle else 1
         self.images_only = images_only
-        self.position = dict(epoch=0, shard=0, offset=0, taken=0)
+        self.epoch, self.cursors = 0, {}  # the cursors of this epoch and later ones: this host's, and those it resumed
         self.stats = Counter()
 
-    def _records(self, epoch, shard, offset):
-        """(record, shard, offset) from a position on, with the position just after each record. This host's shards
-        of an epoch: the seed+epoch permutation of all shards (identical on all hosts), round robin."""
-        order = list(range(self.source.num_shards))
-        if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
-        shards = order[self.rank::self.world]
-        for s in range(shard, len(shards)):
-            start = offset if s == shard else 0
-            for i, record in enumerate(self.source.read(shards[s], start), start + 1):
-                yield record, s, i
+    def _taken(self, epoch, p):
+        """How many records of the shard at position p of the epoch's permutation are used; None: all of them."""
+        taken = 0
+        for (e, rank, world), (position, n) in self.cursors.items():
+            if e == epoch and p % world == rank:
+                if p < position:
+                    return None
+                if p == position:
+                    taken = max(taken, n)
+        return taken
 
     def __iter__(self):
-        while self.epochs is None or self.position["epoch"] < self.epochs:
-            epoch, shard, offset, taken = (self.position[k] for k in ("epoch", "shard", "offset", "taken"))
-            whole_epoch, used = (shard, offset, taken) == (0, 0, 0), self.stats["used"]
-            records = self._records(epoch, shard, offset)
-            while block := list(islice(records, self.buffer_size)):
-                order = list(range(len(block)))
-                if self.shuffle:  # keyed by the block's start, so a restored stream draws the same permutation
-                    random.Random(f"{self.seed}/{self.rank}/{epoch}/{shard}/{offset}").shuffle(order)
-                for j in range(taken, len(block)):
-                    self.position = dict(epoch=epoch, shard=shard, offset=offset, taken=j + 1)
-                    sample = self._sample(block[order[j]][0])
-                    if sample is not None:
-                        yield sample
-                _, shard, offset = block[-1]  # the next block starts here
-                taken = 0
+        while self.epochs is None or self.epoch < self.epochs:
+            epoch, used = self.epoch, self.stats["used"]
+            whole_epoch = not any(e == epoch for e, _, _ in self.cursors)
+            order = list(range(self.source.num_shards))
+            if self.shuffle:
+                random.Random(self.seed + epoch).shuffle(order)
+            for p in range(self.rank, len(order), self.world):
+                if (taken := self._taken(epoch, p)) is None:
+                    continue
+                start = taken - taken % self.buffer_size  # blocks start at multiples of buffer_size in a shard
+                records = self.source.read(order[p], start)
+                while block := list(islice(records, self.buffer_size)):
+                    perm = list(range(len(block)))
+                    if self.shuffle:
+                        random.Random(f"{self.seed}/{epoch}/{order[p]}/{start}").shuffle(perm)
+                    for j in range(taken - start, len(block)):
+                        self.cursors[epoch, self.rank, self.world] = (p, start + j + 1)
+                        sample = self._sample(block[perm[j]])
+                        if sample is not None:
+                            yield sample
+                    start = taken = start + len(block)
             if whole_epoch and self.stats["used"] == used:  # an endless stream would otherwise spin forever
                 raise RuntimeError(f"no usable sample in a whole epoch of host {self.rank}'s data: {dict(self.stats)}")
-            self.position = dict(epoch=epoch + 1, shard=0, offset=0, taken=0)
+            self.epoch = epoch + 1
+            self.cursors = {k: v for k, v in self.cursors.items() if k[0] > epoch}  # load_state_dict knows it ended
 
     def _sample(self, record):
         self.stats["read"] += 1
@@ -282,17 +294,30 @@ class SampleStream:
         return Sample(ids, labels, image, is_target, record["key"], record["metadata"])
 
     def state_dict(self):
-        """The position after the last sample yielded, plus what must match on restore, plus the skip counts."""
-        return dict(position=dict(self.position), stats=dict(self.stats), rank=self.rank, world=self.world,
-                    seed=self.seed, shuffle=self.shuffle, buffer_size=self.buffer_size,
-                    num_shards=self.source.num_shards)
+        """This host's progress after the last sample yielded (JSON-able), what must match to resume, skip counts."""
+        return dict(epoch=self.epoch, cursors=[[*k, *v] for k, v in self.cursors.items()], stats=dict(self.stats),
+                    rank=self.rank, world=self.world, seed=self.seed, shuffle=self.shuffle,
+                    buffer_size=self.buffer_size, num_shards=self.source.num_shards)
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, states):
+        """Resume from the `state_dict()`s of all the hosts of a run, however many: this host reads what is left of
+        its positions under its own rank and world (on the same world, exactly what it would have read). Hosts end
+        epochs at different times (shards differ in size, samples are skipped): the run resumes at the earliest epoch,
+        where a host already in a later one had read all its positions. This host takes the skip counts of the old
+        ranks equal to its rank modulo its world, so that their sum is kept."""
         now = self.state_dict()
-        for k in ("rank", "world", "seed", "shuffle", "buffer_size", "num_shards"):
-            if state[k] != now[k]:
-                raise ValueError(f"data position saved with {k}={state[k]} cannot resume a stream with {k}={now[k]}")
-        self.position, self.stats = dict(state["position"]), Counter(state["stats"])
+        for k in ("seed", "shuffle", "buffer_size", "num_shards"):
+            for saved in {s[k] for s in states} - {now[k]}:
+                raise ValueError(f"data position saved with {k}={saved} cannot resume a stream with {k}={now[k]}")
+        got = sorted((s["world"], s["rank"]) for s in states)
+        if not states or got != [(len(states), r) for r in range(len(states))]:
+            raise ValueError(f"resuming needs the data positions of all the hosts of a run, got (world, rank) {got}")
+        self.epoch, self.cursors = min(s["epoch"] for s in states), {}
+        for s in states:
+            ended = [[e, s["rank"], s["world"], self.source.num_shards, 0] for e in range(self.epoch, s["epoch"])]
+            for e, rank, world, position, taken in s["cursors"] + ended:
+                self.cursors[e, rank, world] = max(self.cursors.get((e, rank, world), (0, 0)), (position, taken))
+        self.stats = sum((Counter(s["stats"]) for s in states if s["rank"] % self.world == self.rank), Counter())
 
 
 # ---- Batches with static shapes ----

@@ -1,5 +1,5 @@
 """data.py: token/label layout on worked examples, both official formats, bad samples, sharding, shuffling, exact
-resume, batches. Real Qwen2.5 vocabulary, tiny images, offline."""
+resume, resume on another number of hosts, batches. Real Qwen2.5 vocabulary, tiny images, offline."""
 
 import io
 import json
@@ -238,19 +238,65 @@ def test_shuffling_is_seeded_and_changes_every_epoch(tok, shapes, fmt):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "wds"])
 def test_resume_yields_exactly_the_rest_of_the_stream(tok, shapes, fmt, tmp_path):
-    def stream():
-        return SampleStream(open_source(shapes[fmt]), tok, 320, rank=1, world=2, seed=7, buffer_size=5)
-    ref = [s.key for s in take(stream(), 40)]  # crosses epoch boundaries (12 samples per epoch on this rank)
+    def stream(rank):
+        return SampleStream(open_source(shapes[fmt]), tok, 320, rank=rank, world=2, seed=7, buffer_size=5)
+    ref = [[s.key for s in take(stream(r), 40)] for r in (0, 1)]  # crosses epochs (12 samples per epoch and rank)
     for k in (0, 4, 5, 12, 17):  # inside a block, at block and epoch boundaries
-        first = stream()
-        assert [s.key for s in take(first, k)] == ref[:k]
-        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-        resumed = stream()
-        resumed.load_state_dict(state)
-        assert [s.key for s in take(resumed, 40 - k)] == ref[k:]
-    other = SampleStream(open_source(shapes[fmt]), tok, 320, rank=0, world=2, seed=7, buffer_size=5)
-    with pytest.raises(ValueError, match="rank"):
-        other.load_state_dict(state)
+        firsts = [stream(r) for r in (0, 1)]
+        for r, (first, n) in enumerate(zip(firsts, ((k + 14) % 24, k))):  # rank 0 ahead or behind by an epoch
+            assert [s.key for s in take(first, n)] == ref[r][:n]
+        states = json.loads(json.dumps([first.state_dict() for first in firsts]))  # what the checkpoint stores
+        resumed = stream(1)
+        resumed.load_state_dict(states)
+        assert [s.key for s in take(resumed, 40 - k)] == ref[1][k:]
+    with pytest.raises(ValueError, match="all the hosts"):
+        stream(1).load_state_dict(states[1:])
+    other = SampleStream(open_source(shapes[fmt]), tok, 320, rank=1, world=2, seed=8, buffer_size=5)
+    with pytest.raises(ValueError, match="seed=7"):
+        other.load_state_dict(states)
+
+
+class Shards:
+    """A source of text-only records "shard/index" in shards of unequal sizes."""
+
+    def __init__(self, sizes):
+        self.sizes, self.num_shards = sizes, len(sizes)
+
+    def read(self, shard, start=0):
+        for i in range(start, self.sizes[shard]):
+            yield dict(key=f"{shard}/{i}", conversations=chat("Hi", "Hello"), metadata={}, images=[])
+
+
+@pytest.mark.parametrize("worlds", [(3, 2), (2, 5, 1), (1, 2), (4, 3, 8)])
+def test_resume_on_another_number_of_hosts_uses_every_record_once(tok, worlds):
+    """Runs stopped mid-epoch (hosts at different points, rank 0 in the next epoch), resumed on other numbers of
+    hosts: over all runs each record is used once per epoch, and after the resumed epochs hosts read as fresh ones."""
+    source = Shards([5, 1, 9, 3, 7, 2, 8, 4])  # 39 records; blocks of 3 split shards, runs stop inside blocks
+
+    def stream(rank, world):
+        return SampleStream(source, tok, 64, rank=rank, world=world, seed=3, buffer_size=3, epochs=4)
+
+    used, states = [], None  # (epoch, rank, key) of every sample of all runs
+    for i, world in enumerate(worlds):
+        streams = [stream(r, world) for r in range(world)]
+        for r, s in enumerate(streams):
+            if states is not None:
+                s.load_state_dict(states)
+            n = 0
+            for x in s:  # the last run reads to the end; the others stop after a few samples
+                used.append((s.epoch, r, x.key))
+                n += r > 0 or s.epoch > 0  # rank 0 goes on into the next epoch
+                if n == 2 + r and i < len(worlds) - 1:
+                    break
+        states = json.loads(json.dumps([s.state_dict() for s in streams]))
+        if i == 0 and world > 1:
+            assert [s["epoch"] for s in states] == [1] + [0] * (world - 1)
+        assert max(s["epoch"] for s in states) < 3 or i == len(worlds) - 1
+    keys = [f"{shard}/{i}" for shard, n in enumerate(source.sizes) for i in range(n)]
+    assert sorted((e, k) for e, _, k in used) == sorted((e, k) for e in range(4) for k in keys)
+    for r in range(worlds[-1]):  # epoch 3, which only the last run read
+        s = stream(r, worlds[-1])
+        assert [(s.epoch, r, x.key) for x in s if s.epoch == 3] == [u for u in used if u[:2] == (3, r)]
 
 
 def test_batches_have_static_shapes_and_resume(tok, shapes):
@@ -271,7 +317,7 @@ def test_batches_have_static_shapes_and_resume(tok, shapes):
     state = s1.state_dict()
     expected = next(batches)
     s2 = stream()
-    s2.load_state_dict(state)
+    s2.load_state_dict([state])
     got = next(data.batches(s2, 5, preprocess, SIZE))
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
