@@ -197,7 +197,6 @@ class Sample:
 class SampleStream:
     """Iterator of `Sample`s for data-parallel host `rank` of `world`, padded to max_len; endless with epochs=None.
     images_only: skip text-only samples (decoder stage; tokenizer may be None). `stats` counts reads, uses and skips.
-
     An epoch: the seed+epoch permutation of all shards (identical on all hosts), of which this host reads positions
     rank, rank + world, ... in order, each shard in blocks of buffer_size records shuffled by a key of the shard, not
     of the host: a shard's records come in one order whichever host reads it. So a host's progress is a cursor
