@@ -183,6 +183,48 @@ def attention_mask(valid, start, T):
     return allowed[:, None]
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of the logits F.linear(h, W).float() (h (..., T, H), W (V, H)) against targets (..., T)
+    (-100: ignored), `chunk` positions of T at a time: forward keeps each row's logsumexp, backward recomputes each
+    chunk's logits, so the fp32 logits, softmax and gradient (0.62 GB each per 1024-token row at V = 151,667) exist
+    for one chunk only. Static shapes (XLA); a chunk is positions of every row, so a batch-sharded h stays sharded."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, chunk):
+        w, labelled, t = W.to(h.dtype), targets != -100, targets.clamp(min=0)[..., None]  # an ignored row reads id 0
+        lse, loss, ctx.chunk = [], 0, chunk
+        for i in range(0, h.shape[-2], chunk):  # a fixed loop, traced unrolled; the last chunk may be shorter
+            logits = F.linear(h[..., i:i + chunk, :], w).float()  # (..., chunk, V): rounded as the plain path's
+            lse.append(logits.logsumexp(-1))
+            nll = lse[-1] - logits.gather(-1, t[..., i:i + chunk, :])[..., 0]
+            loss = loss + torch.where(labelled[..., i:i + chunk], nll, 0).sum()
+        ctx.save_for_backward(h, W, t, labelled, torch.cat(lse, -1))  # lse (..., T) float32
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):  # d loss / d logits = grad x (softmax - onehot target) on labelled rows, 0 on the others
+        h, W, t, labelled, lse = ctx.saved_tensors
+        w, scale = W.to(h.dtype), torch.where(labelled, grad, 0)[..., None]  # (..., T, 1)
+        grad_h, grad_W = torch.empty_like(h), torch.zeros_like(W) if ctx.needs_input_grad[1] else None
+        for i in range(0, h.shape[-2], ctx.chunk):
+            rows, hc = slice(i, i + ctx.chunk), h[..., i:i + ctx.chunk, :]
+            d = F.linear(hc, w).float().sub_(lse[..., rows, None]).exp_()  # softmax, in place: one (..., chunk, V)
+            d.scatter_add_(-1, t[..., rows, :], torch.full_like(scale[..., rows, :], -1.0))
+            d = d.mul_(scale[..., rows, :]).to(h.dtype)  # autograd's grad of .float(): back to the matmul's dtype
+            grad_h[..., rows, :] = d @ w
+            if grad_W is not None:  # in place when the dtypes match (no second (V, H) tensor); bf16 h: summed in fp32
+                d, hc = d.flatten(0, -2), hc.flatten(0, -2)
+                grad_W.addmm_(d.T, hc) if grad_W.dtype == d.dtype else grad_W.add_(d.T @ hc)
+        return grad_h, grad_W, None, None
+
+
+def chunked_cross_entropy(h, W, targets, chunk=128):
+    """ChunkedCrossEntropy. Matmuls run in h's dtype, W cast to it (under autocast h takes autocast's dtype first, as
+    in F.linear); grads come in h's and W's dtypes. 128 positions: B x 128 x V x 4 bytes of logits, 78 MB per row."""
+    h = h.to(torch.get_autocast_dtype(h.device.type)) if torch.is_autocast_enabled(h.device.type) else h
+    return ChunkedCrossEntropy.apply(h, W, targets, chunk)
+
+
 class Qwen2ForCausalLM(nn.Module):
     backbone = Qwen2Model
 
@@ -387,9 +429,8 @@ class ScaleRAE(Qwen2ForCausalLM):
         pass. static_shapes: the DiT runs on every row and a mask keeps the answer images, as official (one XLA
         graph); False runs it on the answer images alone (eager PyTorch: no work thrown away)."""
         h = self(inputs_embeds=self.embed(input_ids, image_features, image_is_target))  # (B, L, H)
-        logits = self.logits(h[:, :-1])  # (B, L-1, V) float32
-        targets = labels[:, 1:]
-        ce_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position l predicts token l + 1; the last, nothing
+        ce_sum = chunked_cross_entropy(h, self.lm_head_weight, targets)  # (the full logits would be B x L x V fp32)
         ce = ce_sum / (targets != -100).sum().clamp(min=1)  # a batch without labels gives 0, not NaN
         if not static_shapes:
             rows = image_is_target.nonzero()[:, 0]

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dit
 from dit import DiTConfig
-from model import SCALE_RAE_PRESETS, ScaleRAE, ScaleRAEConfig
+from model import SCALE_RAE_PRESETS, ScaleRAE, ScaleRAEConfig, chunked_cross_entropy
 from tokenizer import IMAGE_TOKEN
 from weights import WeightsError
 
@@ -116,6 +117,75 @@ def test_training_loss_routes_gradients_like_the_official_model():
     _, ce, _ = model.training_loss(ids, torch.full_like(labels, -100), feats, target)
     assert ce == 0
 
+
+def plain_cross_entropy(h, W, targets):  # the full-vocabulary path the chunked one replaces
+    return F.cross_entropy(F.linear(h, W).float().flatten(0, -2), targets.flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def ce_and_grads(ce, h, W, targets):
+    loss = ce(h, W, targets)
+    loss.backward()
+    out = loss.detach(), h.grad, W.grad
+    h.grad = W.grad = None
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_cross_entropy_equals_the_plain_one(dtype):
+    """Loss and gradients (h, W) of the chunked CE equal F.cross_entropy on the whole logits to fp32 rounding (the
+    logits are float32 in both), for rows (N, H) and for positions of a batch (B, T, H), with a chunk that divides
+    neither and ignored targets; the gradients come back in the inputs' dtype."""
+    torch.manual_seed(0)
+    for shape in [(37,), (3, 13)]:
+        h = torch.randn(*shape, 16, dtype=dtype, requires_grad=True)
+        W = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+        targets = torch.randint(0, 50, shape)
+        targets[..., ::4] = -100
+        plain = ce_and_grads(plain_cross_entropy, h, W, targets)
+        chunked = ce_and_grads(lambda *a: chunked_cross_entropy(*a, chunk=5), h, W, targets)
+        for a, b in zip(plain, chunked):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(b, a, rtol=2e-6, atol=2e-6 * a.abs().max().item())
+
+
+def test_chunked_cross_entropy_under_bf16_autocast():
+    """bf16 compute, fp32 master weights: h (bf16, or fp32 that autocast casts) and W (fp32) meet in a bf16 matmul as
+    in the plain path under autocast; grad_h comes back in h's dtype, grad_W in fp32 (summed over chunks in fp32: the
+    plain path's, rounded to bf16, is within bf16 rounding of it)."""
+    torch.manual_seed(0)
+    for h_dtype in (torch.bfloat16, torch.float32):
+        h = torch.randn(3, 13, 16, dtype=h_dtype, requires_grad=True)
+        W = torch.randn(50, 16, requires_grad=True)
+        targets = torch.randint(0, 50, (3, 13))
+        targets[..., ::4] = -100
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = ce_and_grads(plain_cross_entropy, h, W, targets)
+            chunked = ce_and_grads(lambda *a: chunked_cross_entropy(*a, chunk=5), h, W, targets)
+        assert [g.dtype for g in chunked] == [torch.float32, h_dtype, torch.float32]
+        torch.testing.assert_close(chunked[0], plain[0], rtol=2e-6, atol=0)  # the same bf16-rounded logits
+        torch.testing.assert_close(chunked[1], plain[1])
+        torch.testing.assert_close(chunked[2], plain[2], rtol=2 ** -7, atol=2 ** -8 * plain[2].abs().max().item())
+
+
+def test_training_loss_ce_and_its_gradients_equal_the_plain_cross_entropy():
+    """The CE of training_loss (next-token targets, chunked) equals F.cross_entropy on the full shifted logits, and
+    so do the gradients of every parameter, with the LM head tied to the embeddings (1.5B) and untied (7B)."""
+    for tie in (False, True):
+        model = tiny_model(tie_word_embeddings=tie).train()
+        ids, labels, feats, target = batch_with_images(model)
+        _, ce, _ = model.training_loss(ids, labels, feats, target)
+        ce.backward()
+        chunked = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        h = model(inputs_embeds=model.embed(ids, feats, target))
+        plain = F.cross_entropy(model.logits(h[:, :-1]).flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        plain.backward()
+        torch.testing.assert_close(ce, plain)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert chunked.keys() == grads.keys() and ("lm_head.weight" in grads) != tie
+        for n, g in grads.items():
+            torch.testing.assert_close(chunked[n], g, rtol=1e-4, atol=1e-6 * g.abs().max().item(), msg=n)
 
 def test_k_tiling_averages_the_diffusion_loss_over_k_timesteps():
     """Official K-tiling (diffusion_timesteps_per_sample): each answer image is noised at K independent timesteps
