@@ -91,8 +91,7 @@ class KVCache:
         self.length = 0  # positions filled so far (a Python int: the loop on the host knows it anyway)
 
     def select(self, rows):  # keep only some batch rows (e.g. those that go on to generate an image)
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
 
     def update(self, layer, k, v):  # k, v (B, n_kv, T, hd) -> all keys/values so far
         start, end = self.length, self.length + k.shape[2]
@@ -121,8 +120,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = (q * cos + rotate_half(q) * sin).to(v.dtype)  # under autocast fp32 cos/sin promote q, k; SDPA wants
+        k = (k * cos + rotate_half(k) * sin).to(v.dtype)  # one dtype (it is not autocast on XLA)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = cached + T
         # mask None means plain causal attention over a sequence that starts at position 0.
@@ -165,7 +164,10 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
-    def forward(self, x, positions, mask=None, cache=None):  # x (B, T, H) embeddings -> post-norm (B, T, H)
+    def forward(self, x, positions=None, mask=None, cache=None):  # x (B, T, H) embeddings -> post-norm (B, T, H)
+        if positions is None:  # the next positions: cache.length + arange(T)
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + x.shape[1], device=x.device).expand(x.shape[0], -1)
         cos, sin = self.rotary(positions, self.norm.weight.dtype)  # the model's: x may be bf16 (official rounding)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
@@ -185,9 +187,8 @@ def attention_mask(valid, start, T):
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of the logits F.linear(h, W).float() (h (..., T, H), W (V, H)) against targets (..., T)
-    (-100: ignored), `chunk` positions of T at a time: forward keeps each row's logsumexp, backward recomputes each
-    chunk's logits, so the fp32 logits, softmax and gradient (0.62 GB each per 1024-token row at V = 151,667) exist
-    for one chunk only. Static shapes (XLA); a chunk is positions of every row, so a batch-sharded h stays sharded."""
+    (-100: ignored), `chunk` positions of every row at a time (a batch-sharded h stays sharded): forward keeps each
+    row's logsumexp, backward recomputes each chunk's logits; the fp32 logits, softmax and gradient exist per chunk."""
 
     @staticmethod
     def forward(ctx, h, W, targets, chunk):
@@ -218,9 +219,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_h, grad_W, None, None
 
 
-def chunked_cross_entropy(h, W, targets, chunk=128):
-    """ChunkedCrossEntropy. Matmuls run in h's dtype, W cast to it (under autocast h takes autocast's dtype first, as
-    in F.linear); grads come in h's and W's dtypes. 128 positions: B x 128 x V x 4 bytes of logits, 78 MB per row."""
+CE_CHUNK = 128  # positions: B x 128 x V x 4 bytes of logits, 78 MB per row
+
+
+def chunked_cross_entropy(h, W, targets, chunk=CE_CHUNK):  # in h's dtype (autocast's if on, as F.linear), W cast to it
     h = h.to(torch.get_autocast_dtype(h.device.type)) if torch.is_autocast_enabled(h.device.type) else h
     return ChunkedCrossEntropy.apply(h, W, targets, chunk)
 
@@ -272,9 +274,6 @@ class Qwen2ForCausalLM(nn.Module):
     def forward(self, input_ids=None, inputs_embeds=None, positions=None, mask=None, cache=None):
         """Final-norm hidden states (B, T, H). Pass ids or embeddings; positions default to cache.length + arange(T)."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + x.shape[1], device=x.device).expand(x.shape[0], -1)
         return self.model(x, positions, mask, cache)
 
     checkpoint_keys = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")  # the LM in a bigger file
@@ -428,7 +427,8 @@ class ScaleRAE(Qwen2ForCausalLM):
         predicts <im_end>: official query mode). timesteps_per_image K: the official K-tiling, K DiT passes per LLM
         pass. static_shapes: the DiT runs on every row and a mask keeps the answer images, as official (one XLA
         graph); False runs it on the answer images alone (eager PyTorch: no work thrown away)."""
-        h = self(inputs_embeds=self.embed(input_ids, image_features, image_is_target))  # (B, L, H)
+        # The backbone, not self(): a nested FSDP2 root forward (train_tpu.py) would free weights the embeddings need.
+        h = self.model(self.embed(input_ids, image_features, image_is_target))  # (B, L, H)
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position l predicts token l + 1; the last, nothing
         ce_sum = chunked_cross_entropy(h, self.lm_head_weight, targets)  # (the full logits would be B x L x V fp32)
         ce = ce_sum / (targets != -100).sum().clamp(min=1)  # a batch without labels gives 0, not NaN
@@ -531,11 +531,11 @@ class ScaleRAE(Qwen2ForCausalLM):
     checkpoint_keys = None  # every key of the file belongs to the model
     config_class = ScaleRAEConfig
 
-    def save_pretrained(self, folder, tokenizer):
-        """Export to a new folder in the official layout: config.json, model.safetensors (float32), tokenizer files."""
+    def save_pretrained(self, folder, tokenizer, state_dict=None):
+        """The official layout in a new folder: config.json, model.safetensors (fp32; or state_dict's), tokenizer."""
         def write(tmp):
-            save_safetensors({k: v.float() for k, v in self.state_dict().items()}, tmp / "model.safetensors",
-                             metadata={"format": "pt"})
+            save_safetensors({k: v.float() for k, v in (state_dict or self.state_dict()).items()},
+                             tmp / "model.safetensors", metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(self.config.to_official(), indent=2))
             tokenizer.save(tmp)
         write_folder(folder, write)
