@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -24,11 +25,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 from data import SampleStream, batches, open_source
 from dit import DIT_PRESETS, dit_flops
 from encoders import denormalize, load_encoder, num_tokens, read_encoder_config
-from model import QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig, at_least, checkpoint_encoder
+from model import (CE_CHUNK, QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig, at_least,
+                   checkpoint_encoder)
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
 from weights import WeightsError, read_config, resolve, write_atomic
@@ -39,6 +44,10 @@ STAGE_DEFAULTS = {  # the official values; the decoder's are RAE's (ViT-XL recip
     "2": dict(lr=5.66e-5, warmup_ratio=0.03, seq_len=1024, log_every=10),
     "decoder": dict(lr=2e-4, warmup_ratio=1 / 16, seq_len=512, log_every=100),
 }
+
+# Peak dense bf16 TFLOP/s and memory (GB) per chip. TPU slice names count TensorCores: two per v4 and v5p chip.
+CHIPS = dict(v4=(275, 32, 2), v5e=(197, 16, 1), v5litepod=(197, 16, 1), v5p=(459, 95, 2), v6e=(918, 32, 1),
+             A100=(312, 80, 1), H100=(989, 80, 1), H200=(989, 141, 1), B200=(2250, 180, 1))
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--stage", required=True, choices=["1", "2", "decoder"])
@@ -68,14 +77,19 @@ parser.add_argument("--diffusion-timesteps-per-sample", type=at_least(1), defaul
                     "timesteps per image (official K-tiling: K DiT passes per LLM pass; the released runs use 1)")
 parser.add_argument("--noise-tau", type=at_least(0, float), default=0.8, help="decoder: latent noise sigma ~ U(0, tau) (RAE)")
 parser.add_argument("--no-grad-ckpt", action="store_true", help="keep activations, do not recompute (faster on a CPU)")
+parser.add_argument("--precision", choices=["bf16", "fp32"], help="compute dtype (weights, gradients and AdamW stay "
+                    "fp32); default bf16 on TPUs and GPUs, fp32 on a CPU")
 parser.add_argument("--seed", type=at_least(0, hi=2**63 - 1), default=0)
 parser.add_argument("--log-every", type=at_least(1))
 parser.add_argument("--save-every", type=at_least(1), default=1000)
 parser.add_argument("--keep", type=at_least(1), default=5, help="checkpoints kept (the official max_to_keep)")
-parser.add_argument("--peak-tflops", type=at_least(0, float), help="peak TFLOP/s of one chip, for the MFU in the logs")
+parser.add_argument("--peak-tflops", type=at_least(0, float), help="peak TFLOP/s of one chip, for the MFU in the logs "
+                    "(default: the chip's, for the chips in CHIPS)")
 parser.add_argument("--backend", choices=["auto", "xla", "torch"], default="auto",
                     help="auto: torch_xla SPMD when PJRT_DEVICE is set, else plain PyTorch")
 parser.add_argument("--data-parallel", type=at_least(1), default=1, help="the mesh's `data` axis size (fsdp: the rest)")
+parser.add_argument("--plan", metavar="SLICE", help="print the parameters and the memory per chip of this run on a "
+                    f"slice ({', '.join(CHIPS)}: e.g. v6e-64, v5p-64, 8xH100), then exit; no weights are read")
 args = parser.parse_args()
 
 toy = args.preset == "toy"
@@ -104,7 +118,7 @@ try:  # every input is read (configs, the first data record) before anything is 
         encoder_path = encoder_path or checkpoint_encoder(init_folder, init_config)  # default: stage 1's
     if args.stage == "1" and args.init:
         llm_config = QwenConfig.from_official(read_config(resolve(args.init, allow_patterns=["*.json"])))
-    _, enc, _ = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
+    enc_cls, enc, enc_processing = read_encoder_config(resolve(encoder_path, allow_patterns=["*.json"]))
     tokenizer = None if args.stage == "decoder" else Tokenizer.from_dir(  # the decoder stage reads only images
         resolve(args.tokenizer or args.init, allow_patterns=["*.json", "*.txt"]), add_image_markers=args.stage == "1")
     source = open_source(args.data, args.image_folder)
@@ -120,12 +134,21 @@ if args.stage == "2" and (num_tokens(enc), enc.hidden_size) != (init_config.imag
 # ---- Setup: backend, devices, mesh, run folder ----
 USE_XLA = args.backend == "xla" or (args.backend == "auto" and "PJRT_DEVICE" in os.environ)
 args.backend = "xla" if USE_XLA else "torch"  # saved resolved: a checkpoint of one backend does not load in the other
-saved = Path(args.out) / "args.json"
-saved_backend = json.loads(saved.read_text()).get("backend") if args.resume and saved.is_file() else None
-if saved_backend not in (None, args.backend):
-    parser.error(f"the run in {args.out} was trained with --backend {saved_backend}; resume it with that backend "
+out = Path(args.out)
+saved_args = json.loads((out / "args.json").read_text()) if args.resume and (out / "args.json").is_file() else {}
+if saved_args.get("backend") not in (None, args.backend):
+    parser.error(f"the run in {out} was trained with --backend {saved_args['backend']}; resume it with that backend "
                  f"(its checkpoints hold that backend's optimizer state and RNG)")
-if USE_XLA:
+RAM = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a CPU's devices share it
+if args.plan:  # a slice we are not on: the model is built on the meta device, nothing is read or allocated
+    plan = re.fullmatch(r"(\w+?)-(\d+)|(\d+)x(\w+)", args.plan)
+    kind = plan and (plan[1] or plan[4])
+    if kind not in CHIPS:
+        parser.error(f"--plan {args.plan}: name a slice of known chips, e.g. v6e-64 or 8xH100 ({', '.join(CHIPS)})")
+    USE_XLA, device, rank, world = False, torch.device("meta"), 0, 1
+    n_devices = int(plan[2]) // CHIPS[kind][2] if plan[1] else int(plan[3])
+    memory = CHIPS[kind][1] * 1e9
+elif USE_XLA:
     import torch_xla
     import torch_xla.core.xla_model as xm
     import torch_xla.debug.metrics as met
@@ -139,13 +162,30 @@ if USE_XLA:
     if world > 1:  # a CPU process group across hosts, for checkpoints and barriers
         dist.init_process_group("gloo", init_method="xla://")
     n_devices = xr.global_runtime_device_count()
-    if n_devices % args.data_parallel:
-        parser.error(f"--data-parallel {args.data_parallel} does not divide the {n_devices} devices")
-    mesh = xs.Mesh(np.arange(n_devices), (args.data_parallel, n_devices // args.data_parallel), ("data", "fsdp"))
-    fsdp = mesh.shape()["fsdp"]
-else:
-    device, rank, world, n_devices = torch.device("cuda" if torch.cuda.is_available() else "cpu"), 0, 1, 1
-args.batch_size = args.batch_size or 128 * world
+    if xr.device_type() == "TPU":
+        from torch_xla._internal.tpu import get_tpu_type  # from the VM's metadata: v4, v5litepod, v5p, v6e, ...
+        kind, memory = get_tpu_type(), xm.get_memory_info(device)["bytes_limit"]
+    else:
+        kind, memory = None, RAM / n_devices
+else:  # one process per device under torchrun (FSDP2 over its processes), else one device
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device, n_devices = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"), world
+    kind = next((k for k in CHIPS if cuda and k in torch.cuda.get_device_name(device)), None)
+    memory = torch.cuda.get_device_properties(device).total_memory if cuda else RAM / world
+if n_devices % args.data_parallel:
+    parser.error(f"--data-parallel {args.data_parallel} does not divide the {n_devices} devices")
+fsdp = n_devices // args.data_parallel
+if USE_XLA:
+    mesh = xs.Mesh(np.arange(n_devices), (args.data_parallel, fsdp), ("data", "fsdp"))
+FSDP2 = world > 1 and not USE_XLA  # torchrun: one process per device
+if FSDP2:  # FSDP2's mesh: parameters sharded over `fsdp`, replicated over `data` (HSDP)
+    mesh = init_device_mesh(device.type, (args.data_parallel, fsdp), mesh_dim_names=("data", "fsdp"))
+args.precision = args.precision or ("fp32" if device.type == "cpu" or USE_XLA and xr.device_type() == "CPU" else "bf16")
+# Official: 128 per host. A resumed run keeps its global batch on another number of hosts.
+args.batch_size = args.batch_size or saved_args.get("batch_size") or (32 * n_devices if args.plan else 128 * world)
 if args.batch_size % n_devices:
     parser.error(f"--batch-size {args.batch_size} must be a multiple of the {n_devices} devices")
 
@@ -179,20 +219,14 @@ def log(msg):
         print(msg, flush=True)
 
 
-out = Path(args.out)
-if out.exists() and any(out.iterdir()):
+if out.exists() and any(out.iterdir()) and not args.plan:
     if not args.resume:
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if not (out / "args.json").exists():
+    if not saved_args:
         raise SystemExit(f"{out} is not empty and is not a train_tpu.py run (no args.json); choose another --out")
-if rank == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "args.json").exists():
-        write_atomic(out / "args.json", json.dumps(vars(args), indent=1).encode())
-barrier()
-saved_args = json.loads((out / "args.json").read_text())
-free = ("out", "resume", "log_every", "save_every", "keep", "peak_tflops", "data_parallel")
-changed = {k: (saved_args.get(k), v) for k, v in vars(args).items() if k not in free and saved_args.get(k) != v}
+free = ("out", "resume", "log_every", "save_every", "keep", "peak_tflops", "data_parallel", "precision", "plan")
+changed = {k: (saved_args.get(k), v) for k, v in vars(args).items()
+           if saved_args and k not in free and saved_args.get(k) != v}
 if changed:
     raise SystemExit(f"the run in {out} was started with other arguments (saved, now): {changed}. Resume it with "
                      f"the same ones (or edit {out / 'args.json'} if you know the change is safe).")
@@ -205,9 +239,12 @@ if USE_XLA:
     xm.set_rng_state(args.seed)
 
 # ---- Model: what is trained, what is frozen, the loss of one batch ----
+if args.plan:  # nothing is read: the model and the encoder are built, empty, on the meta device
+    torch.set_default_device("meta")
 if args.stage == "2":
-    model = ScaleRAE.from_pretrained(init_folder)
-encoder = load_encoder(encoder_path)  # frozen: eval mode, requires_grad False; replicated over the devices
+    model = ScaleRAE(init_config) if args.plan else ScaleRAE.from_pretrained(init_folder)
+# Frozen: eval mode, requires_grad False; replicated over the devices.
+encoder = enc_cls(enc, enc_processing).requires_grad_(False) if args.plan else load_encoder(encoder_path)
 
 if args.stage == "1":
     if not args.init:  # a toy LLM from scratch: its vocabulary is the tokenizer's
@@ -216,11 +253,12 @@ if args.stage == "1":
     dit = replace(DIT_PRESETS[args.dit], in_channels=encoder.hidden_size, input_size=math.isqrt(encoder.num_tokens))
     model = ScaleRAE(ScaleRAEConfig(**vars(llm_config), dit=dit, mm_hidden_size=encoder.hidden_size,
                                     encoder=encoder_path, tokenizer_model_max_length=args.seq_len))
-    if args.init:  # Qwen2.5's weights; latent queries, projectors and DiT keep their fresh (official) initialization
+    if args.init and not args.plan:  # Qwen2.5's weights; latent queries, projectors, DiT: fresh (official init)
         llm = Qwen2ForCausalLM.from_pretrained(args.init)
         missing, unexpected = model.load_state_dict(llm.state_dict(), strict=False)
         assert not unexpected and all(k.startswith(("model.latent_queries", "model.mm_projector", "diff_head"))
                                       for k in missing), (missing, unexpected)
+    if args.init:
         model.resize_token_embeddings(len(tokenizer))  # + <im_start>, <im_end>, mean-initialized rows (official)
 
 if args.stage == "decoder":
@@ -246,13 +284,60 @@ else:
         loss, ce, diff = model.training_loss(batch["input_ids"], batch["labels"], features, batch["image_is_target"],
                                              args.vision_coef, args.diffusion_timesteps_per_sample,
                                              static_shapes=USE_XLA)
+        if FSDP2:  # FSDP2 averages the processes' gradients: weigh each one's means by its share of the global
+            # batch's labelled tokens and answer images, so the average is the global batch's means, as SPMD has them
+            n = torch.stack([(batch["labels"][:, 1:] != -100).sum(), batch["image_is_target"].sum()]).float()
+            total = n.clone()
+            dist.all_reduce(total)
+            ce, diff = (v * world * k / t.clamp(min=1) for v, k, t in zip((ce, diff), n, total))
+            loss = ce + args.vision_coef * diff
         return loss, dict(ce=ce, diff=diff)
 
 model.train()  # the DiT's CFG condition dropout is on in training mode
 n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-log(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, encoder {encoder_path} (frozen), "
-    f"{'torch_xla SPMD on ' + str(n_devices) + ' devices, ' + str(world) + ' host(s)' if USE_XLA else device}")
 
+
+def memory_per_chip():
+    """Bytes per chip, on paper: fp32 weights, gradients and AdamW's two moments sharded over `fsdp`, the frozen encoder
+    replicated, and the activations of the batch's share. A transformer block holds s*b*h*(34 + 5*heads*s/h) bytes at
+    16 bits (Korthikanti et al. 2022, attention scores materialized as XLA does); with recompute only its input stays,
+    plus one block's internals in the backward."""
+    b, act = args.batch_size / n_devices, 2 if args.precision == "bf16" else 4
+
+    def blocks(n, seqs, s, h, heads):  # n blocks over `seqs` sequences of s tokens of width h
+        inner = seqs * s * h * (34 + 5 * heads * s / h) * act / 2
+        return n * inner if args.no_grad_ckpt else n * seqs * s * h * act + inner
+    c = model.config
+    if args.stage == "decoder":
+        acts = blocks(c.decoder_num_hidden_layers, b, encoder.num_tokens + 1, c.decoder_hidden_size,
+                      c.decoder_num_attention_heads)
+    else:
+        d, K = c.dit, args.diffusion_timesteps_per_sample
+        acts = blocks(c.num_hidden_layers, b, args.seq_len, c.hidden_size, c.num_attention_heads)
+        acts += blocks(d.depth, b * K, encoder.num_tokens, d.hidden_size, d.num_heads)
+        acts += 3 * b * min(args.seq_len, CE_CHUNK) * c.vocab_size * 4  # the chunked CE's logits, softmax, gradient
+    return dict(weights=4 * n_params / fsdp, gradients=4 * n_params / fsdp, adamw=8 * n_params / fsdp,
+                encoder=sum(p.numel() * p.element_size() for p in encoder.parameters()), activations=acts)
+
+
+need = memory_per_chip()
+GiB = 2 ** 30
+log(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, encoder {encoder_path} (frozen), "
+    f"{'torch_xla SPMD on ' + str(n_devices) + ' devices, ' + str(world) + ' host(s)' if USE_XLA else device}, "
+    f"{args.precision}; per chip at {args.batch_size // n_devices} samples, on paper: "
+    + " + ".join(f"{k} {v / GiB:.3g}" for k, v in need.items()) + f" = {sum(need.values()) / GiB:.3g} GiB"
+    + f" of {memory / GiB:.1f} GiB" + (f" ({kind})" if kind else ""))
+if sum(need.values()) > memory:
+    raise SystemExit(f"this run needs about {sum(need.values()) / GiB:.1f} GiB per chip, more than its "
+                     f"{memory / GiB:.1f} GiB: lower --batch-size or --seq-len, add chips, or keep recompute on")
+if args.plan:
+    raise SystemExit(0)
+if rank == 0 and not saved_args:
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "args.json", json.dumps(vars(args), indent=1).encode())
+barrier()
+
+blocks = model.decoder_layers if args.stage == "decoder" else [*model.model.layers, *model.diff_head.model.dit_blocks]
 if not args.no_grad_ckpt:  # recompute blocks in the backward (official FSDPv2); torch_xla's adds optimization barriers
     if USE_XLA:
         from torch_xla.distributed.fsdp import checkpoint_module
@@ -262,8 +347,7 @@ if not args.no_grad_ckpt:  # recompute blocks in the backward (official FSDPv2);
         def checkpoint_module(module):
             forward = module.forward
             module.forward = lambda *a, **k: checkpoint(forward, *a, use_reentrant=False, **k)
-    for block in (model.decoder_layers if args.stage == "decoder" else
-                  [*model.model.layers, *model.diff_head.model.dit_blocks]):
+    for block in blocks:
         checkpoint_module(block)
 
 model.to(device)
@@ -274,6 +358,20 @@ if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/
     apply_xla_patch_to_nn_linear(encoder)
     for p in model.parameters():
         xs.mark_sharding(p, mesh, fsdp_spec(p))
+    # Block outputs and their gradients sharded on the batch (FSDPv2's shard_output): else the LM head, sharded on H
+    # when the vocabulary does not divide, spreads that sharding through every layer (full rematerializations).
+    batch_axes = (("data", "fsdp"), None, None)  # (B, L, H): the batch over every device
+    for block in blocks if args.stage != "decoder" else []:  # (the decoder's blocks need no constraint)
+        block.register_forward_hook(lambda module, inputs, h: xs.mark_sharding_with_gradients(h, mesh, batch_axes))
+elif FSDP2:  # each block's parameters gathered for its forward and backward, then freed
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    # The rest (embeddings, LM head, projectors, the DiT's ends) stays gathered from the forward to the backward: the
+    # losses use it after the forward's last block, where FSDP2 would otherwise free it.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    if args.stage != "decoder":  # the loss is a method, not forward: it gathers the parameters outside the blocks
+        register_fsdp_forward_method(model, "training_loss")
+    torch.manual_seed(args.seed + rank)  # the same weights on every process, but each its own noise and timesteps
 
 head = [p for n, p in model.named_parameters() if "diff_head" in n and p.requires_grad]
 rest = [p for n, p in model.named_parameters() if "diff_head" not in n and p.requires_grad]
@@ -317,9 +415,11 @@ def flops_per_sample():
 
 
 def train_step(batch):
-    loss, parts = compute_loss(batch)
+    with torch.autocast("xla" if USE_XLA else device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+        loss, parts = compute_loss(batch)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(rest + head, args.clip)
+    grad_norm = grad_norm.full_tensor() if FSDP2 else grad_norm  # FSDP2: a DTensor, the global norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return dict(loss=loss.detach(), **{k: v.detach() for k, v in parts.items()}, grad_norm=grad_norm)
@@ -388,14 +488,18 @@ def load_checkpoint(path):
     optimizer.load_state_dict(state["optimizer"])
     del state
     gc.collect()  # as after a save
-    host = torch.load(path / f"host{rank}.pt", weights_only=True)  # nothing read from disk may run code
-    stream.load_state_dict(host["data"])
+    n = len(list(path.glob("host*.pt")))  # the hosts that saved it: this run may have another number
+    hosts = [torch.load(path / f"host{r}.pt", weights_only=True) for r in range(n)]  # nothing read may run code
+    stream.load_state_dict([h["data"] for h in hosts])  # this host's share of what is left of the epoch
+    host = hosts[rank % n]  # the step and the RNG: its own when the number of hosts is the same
     sync()  # the restored tensors become device buffers before the first step is traced
     torch.set_rng_state(host["rng"]["torch"])  # the RNG last: every XLA sync advances the device RNG
     if host["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(host["rng"]["cuda"])
     if host["rng"]["xla"] is not None:
         xm.set_rng_state(host["rng"]["xla"])
+    if FSDP2 and n != world:  # new processes: draws of their own (a copied RNG would repeat another's noise)
+        torch.manual_seed(args.seed + world * host["step"] + rank)
     return host["step"]
 
 
@@ -421,6 +525,7 @@ else:
 # ---- Training loop ----
 meter = dict(time=time.perf_counter(), step=start)
 total_flops = flops_per_sample() * args.batch_size
+peak_tflops = args.peak_tflops or kind in CHIPS and CHIPS[kind][0]
 tokens_per_sample = args.seq_len if args.stage != "decoder" else encoder.num_tokens
 
 
@@ -429,13 +534,17 @@ def report(step, metrics, lrs):
     now = time.perf_counter()
     dt, steps = now - meter["time"], step - meter["step"]
     meter.update(time=now, step=step)
-    rec = dict(step=step, **{k: v.item() for k, v in metrics.items()}, lr=lrs[0])
+    if FSDP2:  # each process's share of the global means (compute_loss): their average
+        for v in metrics.values():
+            dist.all_reduce(v)
+    rec = dict(step=step, **{k: v.item() / (world if FSDP2 else 1) for k, v in metrics.items()}, lr=lrs[0])
     if len(lrs) > 1:
         rec["lr_diff_head"] = lrs[1]
     rec["samples_per_s"] = steps * args.batch_size / dt
     rec["tokens_per_s"] = rec["samples_per_s"] * tokens_per_sample
-    if args.peak_tflops:
-        rec["mfu"] = steps * total_flops / dt / (args.peak_tflops * 1e12 * n_devices)
+    if peak_tflops:
+        rec["mfu"] = steps * total_flops / dt / (peak_tflops * 1e12 * n_devices)
+    rec["eta_s"] = round((args.steps - step) * dt / steps)
     if USE_XLA:
         rec["compiles"] = met.counter_value("UncachedCompile") or 0
     if rank == 0:
@@ -470,8 +579,11 @@ for step in range(start + 1, args.steps + 1):
         log(f"saved {out / f'ckpt-{step}'}")
 
 # ---- Export: the official on-disk format (sample.py loads it) ----
-model.to("cpu")  # gathers the shards; every host takes part
+if FSDP2:  # the full tensors, on rank 0's CPU; every process takes part
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+else:
+    state = model.to("cpu").state_dict()  # SPMD: gathers the shards; every host takes part
 if rank == 0:
-    model.save_pretrained(out / "export", *([] if args.stage == "decoder" else [tokenizer]))
+    model.save_pretrained(out / "export", *([] if args.stage == "decoder" else [tokenizer]), state_dict=state)
     log(f"exported {out / 'export'}")
 barrier()
