@@ -190,11 +190,10 @@ def test_stage1_overfits_and_exports(stage1):
 
 
 def test_stage2_overfits_new_images_from_the_stage1_export(assets, stage1, tmp_path):
-    """With the official K-tiling on (2 timesteps per image), as toy.py trains; in bfloat16 (fp32 master weights)."""
-    run = train(assets, tmp_path / "stage2", "2", 50, *FAST, "--init", stage1 / "export", "--lr", "3e-3",
-                "--diffusion-timesteps-per-sample", 2, "--precision", "bf16")
-    assert ", bf16; per chip" in run.stdout, run.stdout
-    loss = losses(tmp_path / "stage2")  # measured: 4.45 -> 2.21 (fp32)
+    """With the official K-tiling on (2 timesteps per image), as toy.py trains."""
+    train(assets, tmp_path / "stage2", "2", 50, *FAST, "--init", stage1 / "export", "--lr", "3e-3",
+          "--diffusion-timesteps-per-sample", 2)
+    loss = losses(tmp_path / "stage2")  # measured: 4.45 -> 2.21
     assert mean(loss[s] for s in range(41, 51)) < 0.7 * mean(loss[s] for s in range(1, 11))
 
 
