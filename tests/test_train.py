@@ -263,23 +263,23 @@ def test_exports_sample_an_image_with_sample_py(assets, stage1, decoder, tmp_pat
 def test_killed_run_resumes_to_the_same_losses(assets, tmp_path):
     """The reference keeps its activations (--no-grad-ckpt): recomputing them must not change a thing either. The
     reference and the run to kill train side by side."""
-    reference = start(assets, tmp_path / "reference", "1", 20, "--save-every", "5", "--keep", "2", "--no-grad-ckpt")
+    reference = start(assets, tmp_path / "reference", "1", 12, "--save-every", "3", "--keep", "2", "--no-grad-ckpt")
     out = tmp_path / "killed"
-    proc = start(assets, out, "1", 20, "--save-every", "5", "--keep", "2")
+    proc = start(assets, out, "1", 12, "--save-every", "3", "--keep", "2")
     deadline = time.time() + 300
-    while not (out / "ckpt-10").exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / "ckpt-6").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # wherever it is: between steps, or in the middle of writing a checkpoint
     finish(proc, check=False)
     assert not (out / "export").exists(), "the run finished before it could be killed"
     finish(reference)
-    run = train(assets, out, "1", 20, "--save-every", "5", "--keep", "2", "--resume")
-    assert int(run.stdout.split("resumed from")[1].split("at step ")[1].split()[0]) >= 10
+    run = train(assets, out, "1", 12, "--save-every", "3", "--keep", "2", "--resume")
+    assert int(run.stdout.split("resumed from")[1].split("at step ")[1].split()[0]) >= 6
     ref, got = losses(tmp_path / "reference"), losses(out)
-    assert set(got) == set(range(1, 21))
-    for step in range(1, 21):
+    assert set(got) == set(range(1, 13))
+    for step in range(1, 13):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
-    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-15", "ckpt-20"]  # the last --keep
+    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-12", "ckpt-9"]  # the last --keep
 
 
 def test_existing_run_is_never_overwritten(assets, stage1):
