@@ -4,7 +4,8 @@ Defaults are the official trainer's (scale_rae/train/). Stage 1: Qwen2.5-Instruc
 <im_end>) with fresh latent queries, projectors and DiT, loss = CE + 2.0 x diffusion loss; stage 2 continues from its
 export; the decoder stage trains RAE's pixel decoder on frozen latents (L1 + MSE, latent noise; no LPIPS, GAN or EMA).
 torch_xla SPMD when PJRT_DEVICE is set (mesh (data, fsdp), FSDPv2-style sharding, one graph per step), else plain
-PyTorch on one device. Unlike the official code, a resume restores the optimizer state, the data position and the RNG.
+PyTorch: one device, or one process per device under torchrun (FSDP2). Unlike the official code, a resume restores the
+optimizer state, the data position (on any number of hosts) and the RNG.
 """
 
 import argparse
@@ -164,15 +165,20 @@ elif USE_XLA:
     n_devices = xr.global_runtime_device_count()
     if xr.device_type() == "TPU":
         from torch_xla._internal.tpu import get_tpu_type  # from the VM's metadata: v4, v5litepod, v5p, v6e, ...
-        kind, memory = get_tpu_type(), xm.get_memory_info(device)["bytes_limit"]
+        kind = get_tpu_type()
     else:
-        kind, memory = None, RAM / n_devices
+        kind = None
+    # The chip's memory from CHIPS: SPMD's virtual device cannot report it (xm.get_memory_info raises).
+    memory = CHIPS[kind][1] * 1e9 if kind in CHIPS else RAM / n_devices if xr.device_type() == "CPU" else None
 else:  # one process per device under torchrun (FSDP2 over its processes), else one device
     cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # NCCL's collectives and barriers run on the current device
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device, n_devices = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"), world
+    n_devices = world
     kind = next((k for k in CHIPS if cuda and k in torch.cuda.get_device_name(device)), None)
     memory = torch.cuda.get_device_properties(device).total_memory if cuda else RAM / world
 if n_devices % args.data_parallel:
@@ -326,8 +332,8 @@ log(f"stage {args.stage}: {n_params / 1e6:.2f}M trainable parameters, encoder {e
     f"{'torch_xla SPMD on ' + str(n_devices) + ' devices, ' + str(world) + ' host(s)' if USE_XLA else device}, "
     f"{args.precision}; per chip at {args.batch_size // n_devices} samples, on paper: "
     + " + ".join(f"{k} {v / GiB:.3g}" for k, v in need.items()) + f" = {sum(need.values()) / GiB:.3g} GiB"
-    + f" of {memory / GiB:.1f} GiB" + (f" ({kind})" if kind else ""))
-if sum(need.values()) > memory:
+    + (f" of {memory / GiB:.1f} GiB" if memory else "") + (f" ({kind})" if kind else ""))
+if memory and sum(need.values()) > memory:
     raise SystemExit(f"this run needs about {sum(need.values()) / GiB:.1f} GiB per chip, more than its "
                      f"{memory / GiB:.1f} GiB: lower --batch-size or --seq-len, add chips, or keep recompute on")
 if args.plan:
