@@ -310,17 +310,17 @@ def memory_per_chip():
     plus one block's internals in the backward."""
     b, act = args.batch_size / n_devices, 2 if args.precision == "bf16" else 4
 
-    def blocks(n, seqs, s, h, heads):  # n blocks over `seqs` sequences of s tokens of width h
+    def stack(n, seqs, s, h, heads):  # n transformer blocks over `seqs` sequences of s tokens of width h
         inner = seqs * s * h * (34 + 5 * heads * s / h) * act / 2
         return n * inner if args.no_grad_ckpt else n * seqs * s * h * act + inner
     c = model.config
     if args.stage == "decoder":
-        acts = blocks(c.decoder_num_hidden_layers, b, encoder.num_tokens + 1, c.decoder_hidden_size,
-                      c.decoder_num_attention_heads)
+        acts = stack(c.decoder_num_hidden_layers, b, encoder.num_tokens + 1, c.decoder_hidden_size,
+                     c.decoder_num_attention_heads)
     else:
         d, K = c.dit, args.diffusion_timesteps_per_sample
-        acts = blocks(c.num_hidden_layers, b, args.seq_len, c.hidden_size, c.num_attention_heads)
-        acts += blocks(d.depth, b * K, encoder.num_tokens, d.hidden_size, d.num_heads)
+        acts = stack(c.num_hidden_layers, b, args.seq_len, c.hidden_size, c.num_attention_heads)
+        acts += stack(d.depth, b * K, encoder.num_tokens, d.hidden_size, d.num_heads)
         acts += 3 * b * min(args.seq_len, CE_CHUNK) * c.vocab_size * 4  # the chunked CE's logits, softmax, gradient
     return dict(weights=4 * n_params / fsdp, gradients=4 * n_params / fsdp, adamw=8 * n_params / fsdp,
                 encoder=sum(p.numel() * p.element_size() for p in encoder.parameters()), activations=acts)
