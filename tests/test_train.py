@@ -376,18 +376,19 @@ def start_background(tmp_path_factory, selected):
     runs = Background(root, make_assets(tmp_path_factory.mktemp("assets")))
     assets, wanted = runs.assets, {name for item in selected for name in getattr(item, "fixturenames", ())}
 
-    def preempted(src, dst, step):  # a copy of a run folder as a preemption after checkpoint `step` leaves it
+    def unfinished(src, dst):  # a copy of a finished run without its export, to resume
         shutil.copytree(root / src, root / dst)
         shutil.rmtree(root / dst / "export")
-        for ckpt in (root / dst).glob("ckpt-*"):
+        return root / dst
+
+    def preempted(src, dst, step):  # as a preemption after checkpoint `step` leaves it
+        for ckpt in unfinished(src, dst).glob("ckpt-*"):
             if int(ckpt.name.split("-")[1]) > step:
                 shutil.rmtree(ckpt)
         return runs.train(assets, root / dst, "1", 4, *TORCHRUN, "--resume", processes=2 if dst == "fsdp2" else None)
 
     def resume():
-        out = root / "resumed"
-        shutil.copytree(root / "devices8", out)
-        shutil.rmtree(out / "export")
+        out = unfinished("devices8", "resumed")
         shard = next((out / "ckpt-4").glob("*.distcp"))
         with open(shard, "r+b") as f:
             f.truncate(shard.stat().st_size // 2)
