@@ -188,14 +188,16 @@ def attention_mask(valid, start, T):
 class ChunkedCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of the logits F.linear(h, W).float() (h (..., T, H), W (V, H)) against targets (..., T)
     (-100: ignored), `chunk` positions of every row at a time (a batch-sharded h stays sharded): forward keeps each
-    row's logsumexp, backward recomputes each chunk's logits; the fp32 logits, softmax and gradient exist per chunk."""
+    row's logsumexp, backward recomputes each chunk's logits; the fp32 logits, softmax and gradient exist per chunk.
+    Rows of W from `vocab` on are padding (to shard evenly, train_tpu.py): -inf logits, zero gradients."""
 
     @staticmethod
-    def forward(ctx, h, W, targets, chunk):
+    def forward(ctx, h, W, targets, chunk, vocab):
         w, labelled, t = W.to(h.dtype), targets != -100, targets.clamp(min=0)[..., None]  # an ignored row reads id 0
-        lse, loss, ctx.chunk = [], 0, chunk
+        lse, loss, ctx.chunk, ctx.vocab = [], 0, chunk, vocab
         for i in range(0, h.shape[-2], chunk):  # a fixed loop, traced unrolled; the last chunk may be shorter
             logits = F.linear(h[..., i:i + chunk, :], w).float()  # (..., chunk, V): rounded as the plain path's
+            logits[..., vocab:] = -math.inf
             lse.append(logits.logsumexp(-1))
             nll = lse[-1] - logits.gather(-1, t[..., i:i + chunk, :])[..., 0]
             loss = loss + torch.where(labelled[..., i:i + chunk], nll, 0).sum()
@@ -210,21 +212,22 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for i in range(0, h.shape[-2], ctx.chunk):
             rows, hc = slice(i, i + ctx.chunk), h[..., i:i + ctx.chunk, :]
             d = F.linear(hc, w).float().sub_(lse[..., rows, None]).exp_()  # softmax, in place: one (..., chunk, V)
+            d[..., ctx.vocab:] = 0  # padding rows (their forward logits were -inf)
             d.scatter_add_(-1, t[..., rows, :], torch.full_like(scale[..., rows, :], -1.0))
             d = d.mul_(scale[..., rows, :]).to(h.dtype)  # autograd's grad of .float(): back to the matmul's dtype
             grad_h[..., rows, :] = d @ w
             if grad_W is not None:  # in place when the dtypes match (no second (V, H) tensor); bf16 h: summed in fp32
                 d, hc = d.flatten(0, -2), hc.flatten(0, -2)
                 grad_W.addmm_(d.T, hc) if grad_W.dtype == d.dtype else grad_W.add_(d.T @ hc)
-        return grad_h, grad_W, None, None
+        return grad_h, grad_W, None, None, None
 
 
 CE_CHUNK = 128  # positions: B x 128 x V x 4 bytes of logits, 78 MB per row
 
 
-def chunked_cross_entropy(h, W, targets, chunk=CE_CHUNK):  # in h's dtype (autocast's if on, as F.linear), W cast to it
+def chunked_cross_entropy(h, W, targets, chunk=CE_CHUNK, vocab=None):  # in h's dtype (autocast's if on, as F.linear)
     h = h.to(torch.get_autocast_dtype(h.device.type)) if torch.is_autocast_enabled(h.device.type) else h
-    return ChunkedCrossEntropy.apply(h, W, targets, chunk)
+    return ChunkedCrossEntropy.apply(h, W, targets, chunk, vocab or len(W))
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -328,8 +331,7 @@ class ScaleRAEConfig(QwenConfig):
         if d.get("diffusion_model_z_channels") == 0:
             problems.append("diffusion_model_z_channels=0 (a DiT without diff_head_projector)")
         tokens = d.get("mm_vision_tower_aux_token_len_list", [256])[0]  # the official DiT fixes 256; the toy has 64
-        side = math.isqrt(tokens)
-        if side * side != tokens:
+        if (side := math.isqrt(tokens)) ** 2 != tokens:
             problems.append(f"mm_vision_tower_aux_token_len_list=[{tokens}] (must be a square grid)")
         if problems:
             raise WeightsError("unsupported Scale-RAE config.json: " + "; ".join(problems))
@@ -430,7 +432,7 @@ class ScaleRAE(Qwen2ForCausalLM):
         # The backbone, not self(): a nested FSDP2 root forward (train_tpu.py) would free weights the embeddings need.
         h = self.model(self.embed(input_ids, image_features, image_is_target))  # (B, L, H)
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position l predicts token l + 1; the last, nothing
-        ce_sum = chunked_cross_entropy(h, self.lm_head_weight, targets)  # (the full logits would be B x L x V fp32)
+        ce_sum = chunked_cross_entropy(h, self.lm_head_weight, targets, vocab=self.config.vocab_size)  # not B x L x V
         ce = ce_sum / (targets != -100).sum().clamp(min=1)  # a batch without labels gives 0, not NaN
         if not static_shapes:
             rows = image_is_target.nonzero()[:, 0]
@@ -486,8 +488,7 @@ class ScaleRAE(Qwen2ForCausalLM):
                 break
             valid[:, cache.length] = torch.tensor(active, device=device)
             h = forward(self.model.embed_tokens(token[:, None]))
-        conditions = [None] * B
-        rows = [b for b in range(B) if wants_image[b]]
+        conditions, rows = {}, [b for b in range(B) if wants_image[b]]
         if rows:
             sel = torch.tensor(rows, device=device)
             cache.select(sel)
@@ -496,9 +497,8 @@ class ScaleRAE(Qwen2ForCausalLM):
             start = self.model.embed_tokens(torch.full((len(rows), 1), image_start_id, device=device))
             queries = self.model.latent_queries.to(dtype)[None].expand(len(rows), -1, -1)
             y = self.diff_head_projector(forward(torch.cat([start, queries], 1))[:, -T:])  # (rows, 256, Z)
-            for i, b in enumerate(rows):
-                conditions[b] = y[i]
-        return [(out[b], conditions[b]) for b in range(B)]
+            conditions = dict(zip(rows, y))
+        return [(out[b], conditions.get(b)) for b in range(B)]
 
     def chat(self, tokenizer, prompts, image_features=None, max_new_tokens=512, batch_size=None, official=False):
         """Greedy answers to user prompts (the chat template is applied here), batch_size prompts at a time; with

@@ -135,7 +135,7 @@ def ce_and_grads(ce, h, W, targets):
 def test_chunked_cross_entropy_equals_the_plain_one(dtype):
     """Loss and gradients (h, W) of the chunked CE equal F.cross_entropy on the whole logits to fp32 rounding (the
     logits are float32 in both), for rows (N, H) and for positions of a batch (B, T, H), with a chunk that divides
-    neither and ignored targets; the gradients come back in the inputs' dtype."""
+    neither and ignored targets, and with W padded past the vocabulary; the gradients come back in the inputs' dtype."""
     torch.manual_seed(0)
     for shape in [(37,), (3, 13)]:
         h = torch.randn(*shape, 16, dtype=dtype, requires_grad=True)
@@ -144,7 +144,11 @@ def test_chunked_cross_entropy_equals_the_plain_one(dtype):
         targets[..., ::4] = -100
         plain = ce_and_grads(plain_cross_entropy, h, W, targets)
         chunked = ce_and_grads(lambda *a: chunked_cross_entropy(*a, chunk=5), h, W, targets)
-        for a, b in zip(plain, chunked):
+        # W padded with rows past the vocabulary (as train_tpu.py pads it to shard evenly): they take no part
+        padded = torch.cat([W.detach(), torch.randn(14, 16, dtype=dtype)]).requires_grad_()
+        loss, grad_h, grad_W = ce_and_grads(lambda *a: chunked_cross_entropy(*a, chunk=5, vocab=50), h, padded, targets)
+        assert (grad_W[50:] == 0).all()
+        for a, b in [*zip(plain, chunked), *zip(plain, (loss, grad_h, grad_W[:50]))]:
             assert a.dtype == b.dtype
             torch.testing.assert_close(b, a, rtol=2e-6, atol=2e-6 * a.abs().max().item())
 
