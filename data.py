@@ -14,17 +14,18 @@ skipped and counted, and the hosts' saved positions resume an epoch exactly, on 
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import random
 import tarfile
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from encoders import load_image
 from tokenizer import IMAGE, IMAGE_PLACEHOLDER, IMAGE_TOKEN, SYSTEM_PROMPT, turn
@@ -33,15 +34,19 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100   # label of tokens the loss skips
 IMAGE_TOKENS = 256    # slots per image: 16x16 patches of a 224px image at patch 14
+PREFETCH = 256        # records the worker processes prepare ahead: two official host batches (128 each)
 ROLES = {"human": "user", "gpt": "assistant"}  # official names -> ChatML roles; other roles pass through, masked
 
 
 class Skip(Exception):
     """A sample that cannot be trained on; `reason` is the key it is counted under in `stream.stats`."""
 
-    def __init__(self, reason, detail=""):
+    def __init__(self, reason, detail="", key=None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail, self.key = reason, detail, key
+
+    def __reduce__(self):  # a worker process returns it
+        return Skip, (self.reason, self.detail, self.key)
 
 
 # ---- Sample -> token ids and labels ----
@@ -186,78 +191,26 @@ def open_source(path, image_folder=None):
 # ---- The stream: sharded, shuffled, resumable; samples out, bad ones counted ----
 @dataclass
 class Sample:
-    input_ids: torch.Tensor  # (L,) int64, IMAGE_TOKEN at the image slots, pad id after the text
-    labels: torch.Tensor     # (L,) int64, -100 where the loss skips
-    image: Image.Image | None
+    input_ids: np.ndarray    # (L,) int64, IMAGE_TOKEN at the image slots, pad id after the text
+    labels: np.ndarray       # (L,) int64, -100 where the loss skips
+    image: object            # a PIL image, or its (3, S, S) float32 pixels if the stream preprocesses; None: text only
     image_is_target: bool    # the image is in an assistant turn (generation), not a user turn (understanding)
     key: str
     metadata: dict
 
 
-class SampleStream:
-    """Iterator of `Sample`s for data-parallel host `rank` of `world`, padded to max_len; endless with epochs=None.
-    images_only: skip text-only samples (decoder stage; tokenizer may be None). `stats` counts reads, uses and skips.
-    An epoch: the seed+epoch permutation of all shards (identical on all hosts), of which this host reads positions
-    rank, rank + world, ... in order, each shard in blocks of buffer_size records shuffled by a key of the shard, not
-    of the host: a shard's records come in one order whichever host reads it. So a host's progress is a cursor
-    (epoch, rank, world) -> (position, taken): its positions below `position` are done, and the first `taken` records
-    of the shard at `position`; any number of hosts can share out the rest of the epoch (`load_state_dict`)."""
+@dataclass
+class Prepare:
+    """A record -> its Sample (tokens; the image decoded, and preprocessed if `preprocess`), or the Skip saying why it
+    cannot be trained on. The stream's costly part: its worker processes run it, when it has some. Numpy arrays: they
+    cross from a worker in the pipe (a torch tensor would hold a shared-memory file open until it is received)."""
+    tokenizer: object
+    max_len: int
+    image_tokens: int = IMAGE_TOKENS
+    images_only: bool = False
+    preprocess: object = None  # a list of PIL images -> (n, 3, S, S) float pixels (the encoder's)
 
-    def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
-                 epochs=None, image_tokens=IMAGE_TOKENS, images_only=False):
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in [0, world={world})")
-        if tokenizer is None and not images_only:
-            raise ValueError("a SampleStream without a tokenizer can only read images (images_only=True)")
-        if source.num_shards < world:
-            raise ValueError(f"{source.num_shards} shard(s) cannot feed {world} hosts: write at least one per host")
-        self.source, self.tokenizer, self.max_len, self.image_tokens = source, tokenizer, max_len, image_tokens
-        self.rank, self.world, self.seed, self.shuffle, self.epochs = rank, world, seed, shuffle, epochs
-        self.buffer_size = buffer_size if shuffle else 1
-        self.images_only = images_only
-        self.epoch, self.cursors = 0, {}  # the cursors of this epoch and later ones: this host's, and those it resumed
-        self.stats = Counter()
-
-    def _taken(self, epoch, p):
-        """How many records of the shard at position p of the epoch's permutation are used; None: all of them."""
-        taken = 0
-        for (e, rank, world), (position, n) in self.cursors.items():
-            if e == epoch and p % world == rank:
-                if p < position:
-                    return None
-                if p == position:
-                    taken = max(taken, n)
-        return taken
-
-    def __iter__(self):
-        while self.epochs is None or self.epoch < self.epochs:
-            epoch, used = self.epoch, self.stats["used"]
-            whole_epoch = not any(e == epoch for e, _, _ in self.cursors)
-            order = list(range(self.source.num_shards))
-            if self.shuffle:
-                random.Random(self.seed + epoch).shuffle(order)
-            for p in range(self.rank, len(order), self.world):
-                if (taken := self._taken(epoch, p)) is None:
-                    continue
-                start = taken - taken % self.buffer_size  # blocks start at multiples of buffer_size in a shard
-                records = self.source.read(order[p], start)
-                while block := list(islice(records, self.buffer_size)):
-                    perm = list(range(len(block)))
-                    if self.shuffle:
-                        random.Random(f"{self.seed}/{epoch}/{order[p]}/{start}").shuffle(perm)
-                    for j in range(taken - start, len(block)):
-                        self.cursors[epoch, self.rank, self.world] = (p, start + j + 1)
-                        sample = self._sample(block[perm[j]])
-                        if sample is not None:
-                            yield sample
-                    start = taken = start + len(block)
-            if whole_epoch and self.stats["used"] == used:  # an endless stream would otherwise spin forever
-                raise RuntimeError(f"no usable sample in a whole epoch of host {self.rank}'s data: {dict(self.stats)}")
-            self.epoch = epoch + 1
-            self.cursors = {k: v for k, v in self.cursors.items() if k[0] > epoch}  # load_state_dict knows it ended
-
-    def _sample(self, record):
-        self.stats["read"] += 1
+    def __call__(self, record):
         try:
             if "error" in record:
                 raise Skip("bad_shard" if record.get("shard_error") else "malformed", record["error"])
@@ -280,17 +233,122 @@ class SampleStream:
                 except ValueError as e:
                     raise Skip("bad_image", str(e)) from None
         except Skip as e:
-            self.stats[e.reason] += 1
-            n = self.stats[e.reason]
-            if n & (n - 1) == 0:  # log the 1st, 2nd, 4th, 8th, ... of each kind; all are counted
-                log.warning("skipped sample %s (%s; %d so far)", record["key"], e, n)
-            return None
-        self.stats["used"] += 1
-        if ids is not None:  # right padding to max_len (official collator); numpy: 5x faster than torch.tensor(list)
+            e.key = record["key"]
+            return e
+        if image is not None and self.preprocess is not None:
+            image = self.preprocess([image])[0].float().numpy()  # (3, S, S)
+        if ids is not None:  # right padding to max_len (official collator)
             n = self.max_len - len(ids)
-            ids = torch.from_numpy(np.array(ids + [self.tokenizer.pad] * n, dtype=np.int64))
-            labels = torch.from_numpy(np.array(labels + [IGNORE_INDEX] * n, dtype=np.int64))
+            ids = np.array(ids + [self.tokenizer.pad] * n, dtype=np.int64)
+            labels = np.array(labels + [IGNORE_INDEX] * n, dtype=np.int64)
         return Sample(ids, labels, image, is_target, record["key"], record["metadata"])
+
+
+def _start_worker(prepare):  # a worker process gets the stream's Prepare once, not with every record
+    global _prepare
+    _prepare = prepare
+
+
+def _prepare_in_worker(record):
+    return _prepare(record)
+
+
+class SampleStream:
+    """Iterator of `Sample`s for data-parallel host `rank` of `world`, padded to max_len; endless with epochs=None.
+    images_only: skip text-only samples (decoder stage; tokenizer may be None). `stats` counts reads, uses and skips.
+    preprocess: images come out as the encoder's pixels; workers: records are prepared (decoded, tokenized,
+    preprocessed) in that many processes, ahead of time, and come out in the same order as without them.
+    An epoch: the seed+epoch permutation of all shards (identical on all hosts), of which this host reads positions
+    rank, rank + world, ... in order, each shard in blocks of buffer_size records shuffled by a key of the shard, not
+    of the host: a shard's records come in one order whichever host reads it. So a host's progress is a cursor
+    (epoch, rank, world) -> (position, taken): its positions below `position` are done, and the first `taken` records
+    of the shard at `position`; any number of hosts can share out the rest of the epoch (`load_state_dict`)."""
+
+    def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
+                 epochs=None, image_tokens=IMAGE_TOKENS, images_only=False, preprocess=None, workers=0):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, world={world})")
+        if tokenizer is None and not images_only:
+            raise ValueError("a SampleStream without a tokenizer can only read images (images_only=True)")
+        if source.num_shards < world:
+            raise ValueError(f"{source.num_shards} shard(s) cannot feed {world} hosts: write at least one per host")
+        self.source, self.prepare, self.workers = source, Prepare(tokenizer, max_len, image_tokens, images_only,
+                                                                  preprocess), workers
+        self.rank, self.world, self.seed, self.shuffle, self.epochs = rank, world, seed, shuffle, epochs
+        self.buffer_size = buffer_size if shuffle else 1
+        self.epoch, self.cursors = 0, {}  # the cursors of this epoch and later ones: this host's, and those it resumed
+        self.stats = Counter()
+
+    def _taken(self, epoch, p):
+        """How many records of the shard at position p of the epoch's permutation are used; None: all of them."""
+        taken = 0
+        for (e, rank, world), (position, n) in self.cursors.items():
+            if e == epoch and p % world == rank:
+                if p < position:
+                    return None
+                if p == position:
+                    taken = max(taken, n)
+        return taken
+
+    def _records(self):
+        """(cursor, record) in this host's order from its position on, and (None, epoch) where an epoch ends."""
+        epoch = self.epoch
+        while self.epochs is None or epoch < self.epochs:
+            order = list(range(self.source.num_shards))
+            if self.shuffle:
+                random.Random(self.seed + epoch).shuffle(order)
+            for p in range(self.rank, len(order), self.world):
+                if (taken := self._taken(epoch, p)) is None:
+                    continue
+                start = taken - taken % self.buffer_size  # blocks start at multiples of buffer_size in a shard
+                records = self.source.read(order[p], start)
+                while block := list(islice(records, self.buffer_size)):
+                    perm = list(range(len(block)))
+                    if self.shuffle:
+                        random.Random(f"{self.seed}/{epoch}/{order[p]}/{start}").shuffle(perm)
+                    for j in range(taken - start, len(block)):
+                        yield (p, start + j + 1), block[perm[j]]
+                    start = taken = start + len(block)
+            yield None, epoch
+            epoch += 1
+
+    def _prepared(self):
+        """(cursor, Sample or Skip), or (None, epoch): in order, prepared here or up to PREFETCH ahead in the workers
+        (forked, as DataLoader's: they inherit the tokenizer and preprocessing)."""
+        if not self.workers:
+            yield from ((c, r if c is None else self.prepare(r)) for c, r in self._records())
+            return
+        with ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"), initializer=_start_worker,
+                                 initargs=(self.prepare,)) as pool:
+            ahead = deque()
+            for c, r in self._records():
+                ahead.append((c, r if c is None else pool.submit(_prepare_in_worker, r)))
+                while ahead and (len(ahead) > PREFETCH or ahead[0][0] is None):
+                    c, r = ahead.popleft()
+                    yield c, r if c is None else r.result()
+            yield from ((c, r if c is None else r.result()) for c, r in ahead)
+
+    def __iter__(self):
+        whole_epoch, used = not any(e == self.epoch for e, _, _ in self.cursors), self.stats["used"]
+        for cursor, result in self._prepared():
+            if cursor is None:  # the end of the epoch
+                if whole_epoch and self.stats["used"] == used:  # an endless stream would otherwise spin forever
+                    raise RuntimeError(f"no usable sample in a whole epoch of host {self.rank}'s data: "
+                                       f"{dict(self.stats)}")
+                self.epoch += 1
+                self.cursors = {k: v for k, v in self.cursors.items() if k[0] >= self.epoch}  # load_state_dict knows
+                whole_epoch, used = not any(e == self.epoch for e, _, _ in self.cursors), self.stats["used"]
+                continue
+            self.cursors[self.epoch, self.rank, self.world] = cursor
+            self.stats["read"] += 1
+            if isinstance(result, Skip):
+                self.stats[result.reason] += 1
+                n = self.stats[result.reason]
+                if n & (n - 1) == 0:  # log the 1st, 2nd, 4th, 8th, ... of each kind; all are counted
+                    log.warning("skipped sample %s (%s; %d so far)", result.key, result, n)
+                continue
+            self.stats["used"] += 1
+            yield result
 
     def state_dict(self):
         """This host's progress after the last sample yielded (JSON-able), what must match to resume, skip counts."""
@@ -320,27 +378,26 @@ class SampleStream:
 
 
 # ---- Batches with static shapes ----
-def collate(samples, preprocess, image_size=224):
+def collate(samples, image_size=224):
     """The batch dict: input_ids/labels (B, L) int64, pixel_values (B, 3, S, S) float32 (zeros where no image),
-    has_image (B,) bool, image_is_target (B,) bool. `preprocess` maps a list of PIL images to (n, 3, S, S)."""
-    has_image = torch.tensor([s.image is not None for s in samples])
-    images = [s.image for s in samples if s.image is not None]
-    pixels = preprocess(images).float() if images else torch.zeros(0, 3, image_size, image_size)
-    if tuple(pixels.shape) != (len(images), 3, image_size, image_size):
-        raise ValueError(f"preprocess gave {tuple(pixels.shape)} for {len(images)} images, expected "
-                         f"({len(images)}, 3, {image_size}, {image_size})")
+    has_image (B,) bool, image_is_target (B,) bool. Images are pixels: the samples of a stream with a `preprocess`."""
     pixel_values = torch.zeros(len(samples), 3, image_size, image_size)  # zeros on text-only rows, as official
-    pixel_values[has_image] = pixels
-    batch = dict(pixel_values=pixel_values, has_image=has_image,
+    for i, s in enumerate(samples):
+        if s.image is not None:
+            if not isinstance(s.image, np.ndarray) or s.image.shape != pixel_values.shape[1:]:
+                raise ValueError(f"sample {s.key}: its image is {getattr(s.image, 'shape', type(s.image))}, not "
+                                 f"(3, {image_size}, {image_size}) pixels (a stream with the encoder's preprocess)")
+            pixel_values[i] = torch.from_numpy(s.image)
+    batch = dict(pixel_values=pixel_values, has_image=torch.tensor([s.image is not None for s in samples]),
                  image_is_target=torch.tensor([s.image_is_target for s in samples]))
     if samples[0].input_ids is not None:  # an images-only stream without a tokenizer has no tokens
-        batch.update(input_ids=torch.stack([s.input_ids for s in samples]),
-                     labels=torch.stack([s.labels for s in samples]))
+        batch.update(input_ids=torch.from_numpy(np.stack([s.input_ids for s in samples])),
+                     labels=torch.from_numpy(np.stack([s.labels for s in samples])))
     return batch
 
 
-def batches(stream, batch_size, preprocess, image_size=224):
+def batches(stream, batch_size, image_size=224):
     """Full batches (a partial last one is dropped); after each, `stream.state_dict()` is the position after it."""
     it = iter(stream)
     while len(chunk := list(islice(it, batch_size))) == batch_size:
-        yield collate(chunk, preprocess, image_size)
+        yield collate(chunk, image_size)

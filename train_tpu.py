@@ -63,6 +63,7 @@ parser.add_argument("--encoder", help="frozen encoder, folder or Hub id (stage 1
 parser.add_argument("--tokenizer", help="stages 1 and 2: tokenizer folder (default: the --init folder)")
 parser.add_argument("--data", required=True, help="a JSONL file or a wds_manifest.json (data.py)")
 parser.add_argument("--image-folder", help="root of relative image paths in a JSONL (default: its folder)")
+parser.add_argument("--data-workers", type=at_least(0), help="processes decoding the images (default 8, 0 on a CPU)")
 parser.add_argument("--out", required=True, help="run folder; an existing run is only continued with --resume")
 parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
 parser.add_argument("--steps", type=at_least(1), required=True, help="optimizer steps (the schedule's length)")
@@ -163,11 +164,8 @@ elif USE_XLA:
     if world > 1:  # a CPU process group across hosts, for checkpoints and barriers
         dist.init_process_group("gloo", init_method="xla://")
     n_devices = xr.global_runtime_device_count()
-    if xr.device_type() == "TPU":
-        from torch_xla._internal.tpu import get_tpu_type  # from the VM's metadata: v4, v5litepod, v5p, v6e, ...
-        kind = get_tpu_type()
-    else:
-        kind = None
+    from torch_xla._internal.tpu import get_tpu_type  # from the VM's metadata: v4, v5litepod, v5p, v6e, ...
+    kind = get_tpu_type() if xr.device_type() == "TPU" else None
     # The chip's memory from CHIPS: SPMD's virtual device cannot report it (xm.get_memory_info raises).
     memory = CHIPS[kind][1] * 1e9 if kind in CHIPS else RAM / n_devices if xr.device_type() == "CPU" else None
 else:  # one process per device under torchrun (FSDP2 over its processes), else one device
@@ -189,7 +187,9 @@ if USE_XLA:
 FSDP2 = world > 1 and not USE_XLA  # torchrun: one process per device
 if FSDP2:  # FSDP2's mesh: parameters sharded over `fsdp`, replicated over `data` (HSDP)
     mesh = init_device_mesh(device.type, (args.data_parallel, fsdp), mesh_dim_names=("data", "fsdp"))
-args.precision = args.precision or ("fp32" if device.type == "cpu" or USE_XLA and xr.device_type() == "CPU" else "bf16")
+on_cpu = device.type == "cpu" or USE_XLA and xr.device_type() == "CPU"
+args.precision = args.precision or ("fp32" if on_cpu else "bf16")
+args.data_workers = (0 if on_cpu else 8) if args.data_workers is None else args.data_workers
 # Official: 128 per host. A resumed run keeps its global batch on another number of hosts.
 args.batch_size = args.batch_size or saved_args.get("batch_size") or (32 * n_devices if args.plan else 128 * world)
 if args.batch_size % n_devices:
@@ -230,7 +230,8 @@ if out.exists() and any(out.iterdir()) and not args.plan:
         raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     if not saved_args:
         raise SystemExit(f"{out} is not empty and is not a train_tpu.py run (no args.json); choose another --out")
-free = ("out", "resume", "log_every", "save_every", "keep", "peak_tflops", "data_parallel", "precision", "plan")
+free = ("out", "resume", "log_every", "save_every", "keep", "peak_tflops", "data_parallel", "precision", "plan",
+        "data_workers")
 changed = {k: (saved_args.get(k), v) for k, v in vars(args).items()
            if saved_args and k not in free and saved_args.get(k) != v}
 if changed:
@@ -356,6 +357,10 @@ if not args.no_grad_ckpt:  # recompute blocks in the backward (official FSDPv2);
     for block in blocks:
         checkpoint_module(block)
 
+if USE_XLA and args.stage != "decoder":  # vocabulary rows padded to a multiple of 2048: they shard evenly over any
+    # power-of-two fsdp, and a resume on another slice reads the same shapes. Never read (-inf logits), not exported.
+    for m in [model.model.embed_tokens] + ([] if model.config.tie_word_embeddings else [model.lm_head]):
+        m.weight = torch.nn.Parameter(F.pad(m.weight.detach(), (0, 0, 0, -model.config.vocab_size % 2048)))
 model.to(device)
 encoder.to(device)
 if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/xla#3811); before the optimizer
@@ -432,36 +437,36 @@ def train_step(batch):
 
 
 # ---- Data: this host's shard of the stream, fixed-shape batches ----
-stream = SampleStream(source, tokenizer, args.seq_len, rank=rank, world=world,
-                      seed=args.seed, images_only=args.stage == "decoder", image_tokens=encoder.num_tokens)
+stream = SampleStream(source, tokenizer, args.seq_len, rank=rank, world=world, seed=args.seed,
+                      images_only=args.stage == "decoder", image_tokens=encoder.num_tokens,
+                      preprocess=encoder.preprocess, workers=args.data_workers)
 
 
-# ---- Checkpoints: a temporary folder, renamed when complete (manifest last); the newest intact one resumes ----
+# ---- Checkpoints: written in place, the manifest last (no folder rename: object-store mounts such as gcsfuse do not
+# make one atomic); a folder without a manifest is an interrupted save, and the newest intact checkpoint resumes ----
 def checkpoints():
-    return sorted(out.glob("ckpt-[0-9]*"), key=lambda p: int(p.name.split("-")[1]))
+    return sorted((m.parent for m in out.glob("ckpt-[0-9]*/manifest.json")), key=lambda p: int(p.name.split("-")[1]))
 
 
 def save_checkpoint(step):
-    final, tmp = out / f"ckpt-{step}", out / f"tmp-ckpt-{step}"
+    path = out / f"ckpt-{step}"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        shutil.rmtree(path, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
+        path.mkdir()
     barrier()
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict())
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), planner=SPMDSavePlanner() if USE_XLA else None)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path), planner=SPMDSavePlanner() if USE_XLA else None)
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
                xla=xm.get_rng_state() if USE_XLA else None)  # the steps' draws: timesteps, noise, CFG dropout
-    torch.save(dict(step=step, data=stream.state_dict(), rng=rng), tmp / f"host{rank}.pt")  # tensors and plain types
+    torch.save(dict(step=step, data=stream.state_dict(), rng=rng), path / f"host{rank}.pt")  # tensors, plain types
     # state_dict() tensors alias the parameters, and torch.distributed.checkpoint leaves reference cycles around
     # them; while an alias lives, XLA must also output it after each in-place update: another graph.
     del state
     gc.collect()
     barrier()
-    if rank == 0:  # a folder without a manifest, or with a file of another size or checksum, is not a checkpoint
-        files = {f.name: (f.stat().st_size, sha256(f)) for f in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(json.dumps(dict(step=step, files=files)))
-        shutil.rmtree(final, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
-        tmp.rename(final)
+    if rank == 0:  # a file of another size or checksum than the manifest's: not a checkpoint
+        files = {f.name: (f.stat().st_size, sha256(f)) for f in sorted(path.iterdir())}
+        write_atomic(path / "manifest.json", json.dumps(dict(step=step, files=files)).encode())
         for old in checkpoints()[:-args.keep]:
             shutil.rmtree(old)
     barrier()
@@ -511,7 +516,7 @@ def load_checkpoint(path):
 
 start = 0
 if rank == 0:
-    for stale in out.glob("tmp-ckpt-*"):  # a save that a crash interrupted
+    for stale in set(out.glob("ckpt-[0-9]*")) - set(checkpoints()):  # saves that a crash interrupted
         shutil.rmtree(stale)
 for path in reversed(checkpoints()):
     problem = check_checkpoint(path)
@@ -544,22 +549,20 @@ def report(step, metrics, lrs):
         for v in metrics.values():
             dist.all_reduce(v)
     rec = dict(step=step, **{k: v.item() / (world if FSDP2 else 1) for k, v in metrics.items()}, lr=lrs[0])
-    if len(lrs) > 1:
-        rec["lr_diff_head"] = lrs[1]
+    rec |= dict(lr_diff_head=lrs[1]) if len(lrs) > 1 else {}
     rec["samples_per_s"] = steps * args.batch_size / dt
     rec["tokens_per_s"] = rec["samples_per_s"] * tokens_per_sample
     if peak_tflops:
         rec["mfu"] = steps * total_flops / dt / (peak_tflops * 1e12 * n_devices)
     rec["eta_s"] = round((args.steps - step) * dt / steps)
-    if USE_XLA:
-        rec["compiles"] = met.counter_value("UncachedCompile") or 0
+    rec |= dict(compiles=met.counter_value("UncachedCompile") or 0) if USE_XLA else {}
     if rank == 0:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
 
-batch_iter = batches(stream, args.batch_size // world, encoder.preprocess, encoder.image_size)  # resumed position
+batch_iter = batches(stream, args.batch_size // world, encoder.image_size)  # from the resumed position
 bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient since the last check
 for step in range(start + 1, args.steps + 1):
     batch = to_device(next(batch_iter))
@@ -589,6 +592,8 @@ if FSDP2:  # the full tensors, on rank 0's CPU; every process takes part
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 else:
     state = model.to("cpu").state_dict()  # SPMD: gathers the shards; every host takes part
+state = {k: v[:model.config.vocab_size] if k in ("model.embed_tokens.weight", "lm_head.weight") else v
+         for k, v in state.items()}  # without the padding rows
 if rank == 0:
     model.save_pretrained(out / "export", *([] if args.stage == "decoder" else [tokenizer]), state_dict=state)
     log(f"exported {out / 'export'}")

@@ -148,13 +148,15 @@ def test_both_formats_read_the_same_samples(tok, shapes):
     assert len(jsonl) == len(wds) == 24
     for a, b in zip(jsonl, wds):
         assert a.metadata == b.metadata
-        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
         assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.image.size == (SIZE, SIZE)
         assert a.image_is_target == b.image_is_target == (a.metadata["task"] == "generation")
     assert {s.metadata["task"] for s in jsonl} == {"generation", "understanding"}
 
 
-def test_bad_samples_are_skipped_and_counted(tok, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted(tok, tmp_path, workers):
+    """Also when worker processes decode the images: the same samples, skips and counts."""
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "good.png").write_bytes(png())
     (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -169,7 +171,7 @@ def test_bad_samples_are_skipped_and_counted(tok, tmp_path):
     path = write_jsonl(tmp_path, rows)
     with open(path, "a") as f:
         f.write("{not json\n")
-    stream = SampleStream(open_source(path, tmp_path / "img"), tok, 320, shuffle=False, epochs=1)
+    stream = SampleStream(open_source(path, tmp_path / "img"), tok, 320, shuffle=False, epochs=1, workers=workers)
     got = take(stream, 100)
     assert [s.key for s in got] == ["data.jsonl:1", "data.jsonl:9"]
     assert got[1].image is None and (got[1].input_ids != IMAGE_TOKEN).all()
@@ -192,7 +194,8 @@ def test_bad_samples_are_skipped_and_counted(tok, tmp_path):
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
     (tmp_path / "wds_manifest.json").write_text(json.dumps({"tars": tars}))
-    stream = SampleStream(open_source(tmp_path / "wds_manifest.json"), tok, 320, shuffle=False, epochs=1)
+    stream = SampleStream(open_source(tmp_path / "wds_manifest.json"), tok, 320, shuffle=False, epochs=1,
+                          workers=workers)
     assert [s.key for s in take(stream, 100)] == ["s0.tar/a.json"]
     assert dict(stream.stats) == dict(read=4, used=1, bad_image=2, bad_shard=1)
 
@@ -300,9 +303,11 @@ def test_resume_on_another_number_of_hosts_uses_every_record_once(tok, worlds):
 
 
 def test_batches_have_static_shapes_and_resume(tok, shapes):
-    def stream():
-        return SampleStream(open_source(shapes["wds"]), tok, 300, seed=1, buffer_size=6)
-    it = data.batches(stream(), 5, preprocess, SIZE)
+    """Also with 2 worker processes preparing the samples: the same batches, and the position after each."""
+    def stream(workers=0):
+        return SampleStream(open_source(shapes["wds"]), tok, 300, seed=1, buffer_size=6, preprocess=preprocess,
+                            workers=workers)
+    it = data.batches(stream(), 5, SIZE)
     batch = next(it)
     assert {k: (tuple(v.shape), v.dtype) for k, v in batch.items()} == dict(
         input_ids=((5, 300), torch.int64), labels=((5, 300), torch.int64), pixel_values=((5, 3, SIZE, SIZE), torch.float32),
@@ -311,14 +316,17 @@ def test_batches_have_static_shapes_and_resume(tok, shapes):
     assert ((batch["input_ids"] == IMAGE_TOKEN).sum(1) == IMAGE_TOKENS).all()
     assert batch["pixel_values"].abs().amax() <= 1 and batch["pixel_values"].std() > 0.1
 
-    s1 = stream()
-    batches = data.batches(s1, 5, preprocess, SIZE)
-    next(batches)
+    s1, s1_workers = stream(), stream(workers=2)
+    batches, with_workers = data.batches(s1, 5, SIZE), data.batches(s1_workers, 5, SIZE)
+    for _ in range(6):  # 30 samples: into the second epoch
+        expected, got = next(batches), next(with_workers)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        assert s1_workers.state_dict() == s1.state_dict()
     state = s1.state_dict()
     expected = next(batches)
-    s2 = stream()
+    s2 = stream(workers=2)
     s2.load_state_dict([state])
-    got = next(data.batches(s2, 5, preprocess, SIZE))
+    got = next(data.batches(s2, 5, SIZE))
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
@@ -326,8 +334,9 @@ def test_text_only_rows_get_zero_pixels_and_last_partial_batch_is_dropped(tok, t
     (tmp_path / "a.png").write_bytes(png())
     rows = [dict(image="a.png", conversations=chat("Draw it", "Here you go:\n<image>")),
             dict(conversations=chat("Hi", "Hello!")), dict(conversations=chat("Bye", "See you."))]
-    stream = SampleStream(open_source(write_jsonl(tmp_path, rows)), tok, 300, shuffle=False, epochs=1)
-    got = list(data.batches(stream, 2, preprocess, SIZE))
+    stream = SampleStream(open_source(write_jsonl(tmp_path, rows)), tok, 300, shuffle=False, epochs=1,
+                          preprocess=preprocess)
+    got = list(data.batches(stream, 2, SIZE))
     assert len(got) == 1  # 3 samples, batch of 2: the last one is dropped
     b = got[0]
     assert b["has_image"].tolist() == [True, False] and b["image_is_target"].tolist() == [True, False]
@@ -351,7 +360,8 @@ def test_images_only_stream_skips_text_only_samples(tmp_path, tok):
     # Without a tokenizer (the decoder stage), samples and batches carry only the images.
     with pytest.raises(ValueError, match="images_only"):
         data.SampleStream(data.open_source(tmp_path / "d.jsonl"), None, 400)
-    stream = data.SampleStream(data.open_source(tmp_path / "d.jsonl"), None, 400, images_only=True, epochs=1)
+    stream = data.SampleStream(data.open_source(tmp_path / "d.jsonl"), None, 400, images_only=True, epochs=1,
+                               preprocess=preprocess)
     [s] = list(stream)
-    batch = data.collate([s], lambda ims: torch.zeros(len(ims), 3, SIZE, SIZE), image_size=SIZE)
+    batch = data.collate([s], image_size=SIZE)
     assert s.input_ids is None and set(batch) == {"pixel_values", "has_image", "image_is_target"}

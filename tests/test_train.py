@@ -261,19 +261,19 @@ def test_exports_sample_an_image_with_sample_py(assets, stage1, decoder, tmp_pat
 
 
 def test_killed_run_resumes_to_the_same_losses(assets, tmp_path):
-    """The reference keeps its activations (--no-grad-ckpt): recomputing them must not change a thing either. The
-    reference and the run to kill train side by side."""
+    """The reference keeps its activations (--no-grad-ckpt): recomputing them must not change a thing either, nor
+    does decoding in 2 worker processes on the resume. The reference and the run to kill train side by side."""
     reference = start(assets, tmp_path / "reference", "1", 12, "--save-every", "3", "--keep", "2", "--no-grad-ckpt")
     out = tmp_path / "killed"
     proc = start(assets, out, "1", 12, "--save-every", "3", "--keep", "2")
     deadline = time.time() + 300
-    while not (out / "ckpt-6").exists() and proc.poll() is None and time.time() < deadline:
+    while not (out / "ckpt-6" / "manifest.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # wherever it is: between steps, or in the middle of writing a checkpoint
     finish(proc, check=False)
     assert not (out / "export").exists(), "the run finished before it could be killed"
     finish(reference)
-    run = train(assets, out, "1", 12, "--save-every", "3", "--keep", "2", "--resume")
+    run = train(assets, out, "1", 12, "--save-every", "3", "--keep", "2", "--resume", "--data-workers", "2")
     assert int(run.stdout.split("resumed from")[1].split("at step ")[1].split()[0]) >= 6
     ref, got = losses(tmp_path / "reference"), losses(out)
     assert set(got) == set(range(1, 13))
@@ -369,7 +369,8 @@ def start_background(tmp_path_factory, selected):
     SPMD test is selected) the SPMD runs:
     1. 4 steps on 8 devices (FSDP-sharded parameters, batch over 8), checkpoints at 2 and 4;
     2. the same 4 steps on 1 device;
-    3. from 1, a resume of a copy whose last checkpoint is cut short (as by a crash during a save or a bad copy);
+    3. from 1, a resume of a copy whose last checkpoint is cut short (as by a crash during a save or a bad copy),
+       its images decoded in 2 worker processes;
     4. from 2, a step of stage 2 from its export, in bfloat16; 5. a step of the decoder stage.
     When the torchrun test is selected: 4 steps in 1 process, resumed in 2 from step 2, and in 1 from their step 3."""
     root = tmp_path_factory.mktemp("spmd")
@@ -392,7 +393,7 @@ def start_background(tmp_path_factory, selected):
         shard = next((out / "ckpt-4").glob("*.distcp"))
         with open(shard, "r+b") as f:
             f.truncate(shard.stat().st_size // 2)
-        return runs.train(assets, out, "1", 4, "--save-every", "2", "--resume", devices=8)
+        return runs.train(assets, out, "1", 4, "--save-every", "2", "--resume", "--data-workers", "2", devices=8)
 
     if HAS_XLA and "spmd" in wanted:
         runs.add("devices8", lambda: runs.train(assets, root / "devices8", "1", 4, "--save-every", "2", devices=8))
