@@ -190,10 +190,11 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     (-100: ignored), `chunk` positions of every row at a time (a batch-sharded h stays sharded): forward keeps each
     row's logsumexp, backward recomputes each chunk's logits; the fp32 logits, softmax and gradient exist per chunk.
     Rows of W from `vocab` on are padding (to shard evenly, train_tpu.py): -inf logits, zero gradients."""
+    gather = staticmethod(lambda w: w)  # SPMD (train_tpu.py): W made whole once for all chunks, not once per chunk
 
     @staticmethod
     def forward(ctx, h, W, targets, chunk, vocab):
-        w, labelled, t = W.to(h.dtype), targets != -100, targets.clamp(min=0)[..., None]  # an ignored row reads id 0
+        w, labelled, t = ChunkedCrossEntropy.gather(W.to(h.dtype)), targets != -100, targets.clamp(min=0)[..., None]
         lse, loss, ctx.chunk, ctx.vocab = [], 0, chunk, vocab
         for i in range(0, h.shape[-2], chunk):  # a fixed loop, traced unrolled; the last chunk may be shorter
             logits = F.linear(h[..., i:i + chunk, :], w).float()  # (..., chunk, V): rounded as the plain path's
@@ -207,7 +208,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # d loss / d logits = grad x (softmax - onehot target) on labelled rows, 0 on the others
         h, W, t, labelled, lse = ctx.saved_tensors
-        w, scale = W.to(h.dtype), torch.where(labelled, grad, 0)[..., None]  # (..., T, 1)
+        w, scale = ChunkedCrossEntropy.gather(W.to(h.dtype)), torch.where(labelled, grad, 0)[..., None]  # (..., T, 1)
         grad_h, grad_W = torch.empty_like(h), torch.zeros_like(W) if ctx.needs_input_grad[1] else None
         for i in range(0, h.shape[-2], ctx.chunk):
             rows, hc = slice(i, i + ctx.chunk), h[..., i:i + ctx.chunk, :]
@@ -256,8 +257,7 @@ class Qwen2ForCausalLM(nn.Module):
         the others, in both embeddings and an untied lm_head: the official initialize_vision_tokenizer of stage 1."""
         def resized(weight):
             out = weight.new_zeros(n, weight.shape[1])
-            keep = min(n, weight.shape[0])
-            out[:keep] = weight[:keep]
+            out[:min(n, len(weight))] = weight[:n]
             out[n - new_tokens:] = out[:n - new_tokens].mean(0)
             return nn.Parameter(out)
         self.model.embed_tokens.weight = resized(self.model.embed_tokens.weight)

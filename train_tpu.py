@@ -33,8 +33,8 @@ from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from data import SampleStream, batches, open_source
 from dit import DIT_PRESETS, dit_flops
 from encoders import denormalize, load_encoder, num_tokens, read_encoder_config
-from model import (CE_CHUNK, QWEN_PRESETS, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig, at_least,
-                   checkpoint_encoder)
+from model import (CE_CHUNK, QWEN_PRESETS, ChunkedCrossEntropy, Qwen2ForCausalLM, QwenConfig, ScaleRAE, ScaleRAEConfig,
+                   at_least, checkpoint_encoder)
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
 from weights import WeightsError, read_config, resolve, write_atomic
@@ -148,8 +148,7 @@ if args.plan:  # a slice we are not on: the model is built on the meta device, n
     if kind not in CHIPS:
         parser.error(f"--plan {args.plan}: name a slice of known chips, e.g. v6e-64 or 8xH100 ({', '.join(CHIPS)})")
     USE_XLA, device, rank, world = False, torch.device("meta"), 0, 1
-    n_devices = int(plan[2]) // CHIPS[kind][2] if plan[1] else int(plan[3])
-    memory = CHIPS[kind][1] * 1e9
+    n_devices, memory = int(plan[2]) // CHIPS[kind][2] if plan[1] else int(plan[3]), CHIPS[kind][1] * 1e9
 elif USE_XLA:
     import torch_xla
     import torch_xla.core.xla_model as xm
@@ -322,7 +321,7 @@ def memory_per_chip():
         d, K = c.dit, args.diffusion_timesteps_per_sample
         acts = stack(c.num_hidden_layers, b, args.seq_len, c.hidden_size, c.num_attention_heads)
         acts += stack(d.depth, b * K, encoder.num_tokens, d.hidden_size, d.num_heads)
-        acts += 3 * b * min(args.seq_len, CE_CHUNK) * c.vocab_size * 4  # the chunked CE's logits, softmax, gradient
+        acts += c.vocab_size * (3 * b * min(args.seq_len, CE_CHUNK) * 4 + c.hidden_size * act)  # CE chunk, LM head
     return dict(weights=4 * n_params / fsdp, gradients=4 * n_params / fsdp, adamw=8 * n_params / fsdp,
                 encoder=sum(p.numel() * p.element_size() for p in encoder.parameters()), activations=acts)
 
@@ -369,11 +368,12 @@ if USE_XLA:  # einsum Linear: keeps the batch sharding through matmuls (pytorch/
     apply_xla_patch_to_nn_linear(encoder)
     for p in model.parameters():
         xs.mark_sharding(p, mesh, fsdp_spec(p))
-    # Block outputs and their gradients sharded on the batch (FSDPv2's shard_output): else the LM head, sharded on H
-    # when the vocabulary does not divide, spreads that sharding through every layer (full rematerializations).
+    # Block outputs and their gradients sharded on the batch (FSDPv2's shard_output), whatever the parameters' sharding
     batch_axes = (("data", "fsdp"), None, None)  # (B, L, H): the batch over every device
     for block in blocks if args.stage != "decoder" else []:  # (the decoder's blocks need no constraint)
         block.register_forward_hook(lambda module, inputs, h: xs.mark_sharding_with_gradients(h, mesh, batch_axes))
+    # The LM head whole once for all the CE's chunks (else each gathers it); w * 1: the parameter keeps its sharding
+    ChunkedCrossEntropy.gather = lambda w: xs.mark_sharding_with_gradients(w * 1, mesh, (None, None))
 elif FSDP2:  # each block's parameters gathered for its forward and backward, then freed
     for block in blocks:
         fully_shard(block, mesh=mesh)
