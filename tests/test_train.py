@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import runpy
 import shutil
 import signal
@@ -98,23 +99,25 @@ def command(*args):
     return [sys.executable, "-c", RUNNER, *arguments(*args)]
 
 
-def environment(devices=None):
+def environment(devices=None, hlo=None):
+    """hlo: a folder where XLA writes the compiled graphs, as text."""
     env = {k: v for k, v in os.environ.items() if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES", "XLA_FLAGS")}
     if devices:
         env.update(XLA_ENV, CPU_NUM_DEVICES=str(devices))
+        env["XLA_FLAGS"] += f" --xla_dump_to={hlo} --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=NONE" if hlo else ""
     else:  # one thread: tiny matmuls gain nothing from two, and spinning OpenMP threads crawl on a busy machine
         env.update(OMP_NUM_THREADS="1")
     return env
 
 
-def start(assets, out, stage="1", steps=6, *extra, devices=None, processes=None, nice=0):
+def start(assets, out, stage="1", steps=6, *extra, devices=None, processes=None, nice=0, hlo=None):
     """Start train_tpu.py: through torch_xla SPMD on `devices` CPU devices, or under torchrun in `processes` processes
     (FSDP2 over gloo), else plain PyTorch; `nice` lowers its CPU priority (a background run)."""
     cmd = command(assets, out, stage, steps, "--backend", "xla" if devices else "torch", *extra)
     if processes:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "--no-python", *cmd]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(devices, hlo), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     if nice:  # at once, while it starts: the threads it makes later inherit it (no preexec_fn: threads run here)
         os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
@@ -367,7 +370,7 @@ class Background:
 def start_background(tmp_path_factory, selected):
     """Called by conftest.background when a test of this file is selected: the assets, then (with torch_xla, when an
     SPMD test is selected) the SPMD runs:
-    1. 4 steps on 8 devices (FSDP-sharded parameters, batch over 8), checkpoints at 2 and 4;
+    1. 4 steps on 8 devices (FSDP-sharded parameters, batch over 8), checkpoints at 2 and 4, compiled graphs dumped;
     2. the same 4 steps on 1 device;
     3. from 1, a resume of a copy whose last checkpoint is cut short (as by a crash during a save or a bad copy),
        its images decoded in 2 worker processes;
@@ -396,7 +399,8 @@ def start_background(tmp_path_factory, selected):
         return runs.train(assets, out, "1", 4, "--save-every", "2", "--resume", "--data-workers", "2", devices=8)
 
     if HAS_XLA and "spmd" in wanted:
-        runs.add("devices8", lambda: runs.train(assets, root / "devices8", "1", 4, "--save-every", "2", devices=8))
+        runs.add("devices8", lambda: runs.train(assets, root / "devices8", "1", 4, "--save-every", "2", devices=8,
+                                                hlo=root / "hlo"))
         runs.add("devices1", lambda: runs.train(assets, root / "devices1", "1", 4, "--save-every", "2", devices=1))
         runs.add("resumed", resume, after="devices8")
         runs.add("stage2", lambda: runs.train(assets, root / "stage2", "2", 1, "--init", root / "devices1" / "export",
@@ -423,8 +427,8 @@ TORCHRUN = ("--vision-coef", 0, "--save-every", 1)  # the loss without diffusion
 
 @needs_xla
 def test_sharded_step_equals_single_device_and_compiles_once(spmd):
-    """The same losses, one graph per step kind, and no tensor the partitioner must gather in full (involuntary
-    rematerialization: block outputs are constrained to the batch axes)."""
+    """The same losses, one graph per step kind, no tensor the partitioner must gather in full (involuntary
+    rematerialization: block outputs are constrained to the batch axes), and the LM head gathered once per step."""
     root, runs = spmd.wait()
     assert "Involuntary full rematerialization" not in runs["devices8"].stderr
     for key in ("loss", "ce", "diff", "grad_norm"):
@@ -434,6 +438,11 @@ def test_sharded_step_equals_single_device_and_compiles_once(spmd):
             assert abs(sharded[step] - single[step]) <= 1e-5 * max(1.0, abs(single[step])), (step, key)
     compiles = losses(root / "devices8", "compiles")
     assert compiles[2] == compiles[4], compiles  # step 1 has its own graph, then one (checkpointing included)
+    # The LM head (352 rows padded to 2048, sharded on them) is gathered whole once per step for the chunked CE, not
+    # in parts, or transposed, for each chunk. The step graph is the largest compiled module.
+    step = max((root / "hlo").glob("*after_optimizations.txt"), key=lambda p: p.stat().st_size).read_text()
+    gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", step)
+    assert [s for s in gathered if {"2048", "1024", "352", "350"} & set(s.split(","))] == ["2048,32"], gathered
 
 
 @needs_xla
