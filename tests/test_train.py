@@ -117,8 +117,8 @@ def start(assets, out, stage="1", steps=6, *extra, devices=None, processes=None,
     if processes:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "--no-python", *cmd]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(devices, hlo), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(devices, hlo), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     if nice:  # at once, while it starts: the threads it makes later inherit it (no preexec_fn: threads run here)
         os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
     return proc
