@@ -444,8 +444,9 @@ stream = SampleStream(source, tokenizer, args.seq_len, rank=rank, world=world, s
 
 # ---- Checkpoints: written in place, the manifest last (no folder rename: object-store mounts such as gcsfuse do not
 # make one atomic); a folder without a manifest is an interrupted save, and the newest intact checkpoint resumes ----
-def checkpoints():
-    return sorted((m.parent for m in out.glob("ckpt-[0-9]*/manifest.json")), key=lambda p: int(p.name.split("-")[1]))
+def checkpoints(complete=True):  # the run's ckpt-N folders, oldest first; complete: with their manifest
+    found = [p for p in out.glob("ckpt-*") if re.fullmatch(r"ckpt-\d+", p.name) and p.is_dir()]
+    return sorted((p for p in found if not complete or (p / "manifest.json").exists()), key=lambda p: int(p.name[5:]))
 
 
 def save_checkpoint(step):
@@ -516,7 +517,7 @@ def load_checkpoint(path):
 
 start = 0
 if rank == 0:
-    for stale in set(out.glob("ckpt-[0-9]*")) - set(checkpoints()):  # saves that a crash interrupted
+    for stale in set(checkpoints(complete=False)) - set(checkpoints()):  # saves that a crash interrupted
         shutil.rmtree(stale)
 for path in reversed(checkpoints()):
     problem = check_checkpoint(path)
@@ -573,8 +574,7 @@ for step in range(start + 1, args.steps + 1):
         g["lr"] = base * lr_factor(step - 1)
     metrics = train_step(batch)
     bad = bad | ~torch.isfinite(metrics["loss"]) | ~torch.isfinite(metrics["grad_norm"])
-    logged = step % args.log_every == 0 or step == args.steps
-    if logged:
+    if logged := step % args.log_every == 0 or step == args.steps:
         report_args = (step, metrics, [g["lr"] for g in optimizer.param_groups])
         xm.add_step_closure(report, report_args) if USE_XLA else report(*report_args)
     sync()

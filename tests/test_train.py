@@ -279,13 +279,14 @@ def test_killed_run_resumes_to_the_same_losses(assets, tmp_path):
     finish(reference)
     shutil.copytree(out / "ckpt-6", out / "ckpt-8")  # as a save that a crash interrupts: no manifest yet
     (out / "ckpt-8" / "manifest.json").unlink()
+    shutil.copytree(out / "ckpt-6", out / "ckpt-6.bak")  # the user's copy: not the run's to use or remove
     run = train(assets, out, "1", 9, "--save-every", "3", "--keep", "2", "--resume", "--data-workers", "2")
     assert int(run.stdout.split("resumed from")[1].split("at step ")[1].split()[0]) >= 6
     ref, got = losses(tmp_path / "reference"), losses(out)
     assert set(got) == set(range(1, 10))
     for step in range(1, 10):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
-    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-6", "ckpt-9"]  # the last --keep
+    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-6", "ckpt-6.bak", "ckpt-9"]  # the last --keep
 
 
 def test_existing_run_is_never_overwritten(assets, stage1):
