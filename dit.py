@@ -64,8 +64,7 @@ def rope_tables(head_dim, n, theta=10000.0):
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, device="cpu")[:quarter].float() / (head_dim // 2))
     angles = torch.outer(torch.arange(n, device="cpu").float(), freqs).repeat_interleave(2, -1)   # (n, head_dim/2)
-    table = torch.cat([angles[:, None, :].expand(n, n, -1), angles[None, :, :].expand(n, n, -1)], -1)
-    table = table.reshape(n * n, head_dim)
+    table = torch.cat([angles.repeat_interleave(n, 0), angles.repeat(n, 1)], -1)  # token h*n + w: (row h, column w)
     return table.cos(), table.sin()
 
 
@@ -270,10 +269,7 @@ def official_timesteps(shift=flow_shift(1152)):
     the grid shift(k/1000), k = 1..1000. It steps down 48 times from t = 0.99760 to 0.00842, then UP from index 48 to 49
     (t = 1.0) at the nearly clean sample: an official bug, reproduced so that official weights give official images."""
     grid = time_shift(np.linspace(1 / 1000, 1, 1000), shift)
-    used, pos = [], 0.0
-    for _ in range(50):
-        used.append(round(pos))
-        pos += 999 / 49
+    used = [round(k * 999 / 49) for k in range(50)]  # the same indices as the official accumulating float's
     pairs = [(used[i], used[i - 1]) for i in range(len(used) - 2, 0, -1)] + [(used[-2], used[-1])]
     t_curr = torch.tensor([grid[a] for a, _ in pairs], dtype=torch.float32)  # float64 -> float32, as torch.tensor(x)
     t_next = torch.tensor([grid[b] for _, b in pairs], dtype=torch.float32)
