@@ -288,10 +288,8 @@ class Dinov2Embeddings(nn.Module):
         return torch.cat([table[:, :1], patches.to(table.dtype).permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], 1)
 
     def forward(self, pixels):  # (B, 3, H, W) -> (B, 1 + R + N, C): CLS, registers (no position), patches
-        x = self.patch_embeddings.projection(pixels)
-        grid = x.shape[-1]
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.positions(grid)
+        x = self.patch_embeddings.projection(pixels).flatten(2).transpose(1, 2)  # (B, grid * grid, C)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.positions(math.isqrt(x.shape[1]))
         if hasattr(self, "register_tokens"):
             x = torch.cat([x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], 1)
         return x
