@@ -36,22 +36,17 @@ def turn(role, content):
 
 def chat_prompt(user, image=False):
     """The inference prompt. With `image`, the user turn starts with `<im_start><image><im_end>\\n` (official cli)."""
-    if image:
-        user = f"{IMAGE}\n{user}"
+    user = f"{IMAGE}\n{user}" if image else user
     return turn("system", SYSTEM_PROMPT) + turn("user", user) + f"{CHAT_START}assistant\n"
 
 
 def _added_tokens(folder):
     """(content, special, id) of every added token, from added_tokens.json and tokenizer_config.json."""
-    tokens = {}
-    cfg_path = folder / "tokenizer_config.json"
-    if cfg_path.is_file():
-        for idx, t in json.loads(cfg_path.read_text()).get("added_tokens_decoder", {}).items():
-            tokens[int(idx)] = (t["content"], t.get("special", True))
-    path = folder / "added_tokens.json"
-    if path.is_file():
-        for content, idx in json.loads(path.read_text()).items():
-            tokens.setdefault(int(idx), (content, True))
+    cfg_path, path = folder / "tokenizer_config.json", folder / "added_tokens.json"
+    decoder = json.loads(cfg_path.read_text()).get("added_tokens_decoder", {}) if cfg_path.is_file() else {}
+    tokens = {int(idx): (t["content"], t.get("special", True)) for idx, t in decoder.items()}
+    for content, idx in (json.loads(path.read_text()) if path.is_file() else {}).items():
+        tokens.setdefault(int(idx), (content, True))
     return [tokens[i] + (i,) for i in sorted(tokens)]
 
 
@@ -72,10 +67,9 @@ def read_merges(path):
     merges = []
     for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
         line = line.strip()
-        if not line or (i == 0 and line.startswith("#version")):
-            continue
-        a, b = line.split(" ")
-        merges.append((a, b))
+        if line and not (i == 0 and line.startswith("#version")):
+            a, b = line.split(" ")
+            merges.append((a, b))
     return merges
 
 
