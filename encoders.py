@@ -128,8 +128,7 @@ class ImageProcessing:
         if isinstance(self.size, int):
             w, h = image.size
             new_long = int(self.size * max(w, h) / min(w, h))
-            image = image.resize((self.size, new_long) if w <= h else (new_long, self.size), self.resample)
-            a = np.asarray(image)
+            a = np.asarray(image.resize((self.size, new_long) if w <= h else (new_long, self.size), self.resample))
             top, left = (a.shape[0] - self.size) // 2, (a.shape[1] - self.size) // 2
             return a[top:top + self.size, left:left + self.size]
         h, w = self.size
