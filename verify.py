@@ -74,9 +74,8 @@ def answer_logits(model, tokenizer, questions, answers, image_features, batch_si
         heads = [tokenizer.encode_with_image(chat_prompt(q, image=True), model.config.image_tokens)
                  for q in questions[s:s + n]]
         rows = [h + a for h, a in zip(heads, answers[s:s + n])]
-        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long, device=image_features.device)
-        for b, row in enumerate(rows):  # right padding: no real position attends to it
-            ids[b, :len(row)] = torch.tensor(row)
+        width = max(map(len, rows))  # right padding with 0: no real position attends to it
+        ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=image_features.device)
         h = model(inputs_embeds=model.embed(ids, image_features[s:s + n], None))  # (B, L, H)
         out += [model.logits(h[b, len(head) - 1:len(row) - 1]) for b, (head, row) in enumerate(zip(heads, rows))]
     return out
