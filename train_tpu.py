@@ -10,7 +10,6 @@ optimizer state, the data position (on any number of hosts) and the RNG.
 
 import argparse
 import gc
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from model import (CE_CHUNK, QWEN_PRESETS, ChunkedCrossEntropy, Qwen2ForCausalLM
                    at_least, checkpoint_encoder)
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
-from weights import WeightsError, read_config, resolve, write_atomic
+from weights import WeightsError, check_digests, read_config, resolve, sha256, write_atomic
 
 # ---- Arguments ----
 STAGE_DEFAULTS = {  # the official values; the decoder's are RAE's (ViT-XL recipe)
@@ -465,32 +464,32 @@ def save_checkpoint(step):
     del state
     gc.collect()
     barrier()
+    names = sorted(f.name for f in path.iterdir())  # each process hashes a share of the files (TBs on a pod)
+    files = gathered({n: ((path / n).stat().st_size, sha256(path / n)) for n in names[rank::world]})
     if rank == 0:  # a file of another size or checksum than the manifest's: not a checkpoint
-        files = {f.name: (f.stat().st_size, sha256(f)) for f in sorted(path.iterdir())}
-        write_atomic(path / "manifest.json", json.dumps(dict(step=step, files=files)).encode())
+        write_atomic(path / "manifest.json", json.dumps(dict(step=step, files=dict(sorted(files.items())))).encode())
         for old in checkpoints()[:-args.keep]:
             shutil.rmtree(old)
     barrier()
 
 
-def sha256(path):  # ~0.8 s per GB
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def gathered(mine):  # every process's dict, merged
+    if not dist.is_initialized():
+        return mine
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return {k: v for d in every for k, v in d.items()}
 
 
 def check_checkpoint(path):
-    """None if every file has the size and checksum of the manifest, else what is wrong with the checkpoint."""
+    """None if every file has the size and checksum of the manifest, else what is wrong with the checkpoint. Each
+    process checks a share of the files, and all of them learn the verdict."""
     try:
-        files = json.loads((path / "manifest.json").read_text())["files"]
-        for name, (size, digest) in files.items():
-            if not (path / name).is_file():
-                return f"{name} is missing"
-            if (path / name).stat().st_size != size:
-                return f"{name} has {(path / name).stat().st_size} bytes, the manifest says {size}"
-            if sha256(path / name) != digest:
-                return f"{name} does not match its checksum (corrupted)"
+        files = sorted(json.loads((path / "manifest.json").read_text())["files"].items())
+        problem = check_digests(path, dict(files[rank::world]))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"no readable manifest ({type(e).__name__}: {e})"
+        problem = f"no readable manifest ({type(e).__name__}: {e})"
+    return next(filter(None, gathered({rank: problem}).values()), None)
 
 
 def load_checkpoint(path):

@@ -379,7 +379,8 @@ def start_background(tmp_path_factory, selected):
     3. from 1, a resume of a copy whose last checkpoint is cut short (as by a crash during a save or a bad copy),
        its images decoded in 2 worker processes;
     4. from 2, a step of stage 2 from its export, in bfloat16; 5. a step of the decoder stage.
-    When the torchrun test is selected: 4 steps in 1 process, resumed in 2 from step 2, and in 1 from their step 3."""
+    When the torchrun test is selected: 4 steps in 1 process, resumed in 2 from step 2 (its step 3 corrupted), and in 1
+    from their step 3."""
     root = tmp_path_factory.mktemp("spmd")
     runs = Background(root, make_assets(tmp_path_factory.mktemp("assets")))
     assets, wanted = runs.assets, {name for item in selected for name in getattr(item, "fixturenames", ())}
@@ -393,6 +394,11 @@ def start_background(tmp_path_factory, selected):
         for ckpt in unfinished(src, dst).glob("ckpt-*"):
             if int(ckpt.name.split("-")[1]) > step:
                 shutil.rmtree(ckpt)
+        if dst == "fsdp2":  # corrupted, in a file that the second process hashes: both must skip the checkpoint
+            name = sorted(json.loads((root / dst / f"ckpt-{step}" / "manifest.json").read_text())["files"])[1]
+            with open(root / dst / f"ckpt-{step}" / name, "r+b") as f:
+                f.seek(f.seek(0, 2) // 2)
+                f.write(b"\0" * 16)
         return runs.train(assets, root / dst, "1", 4, *TORCHRUN, "--resume", processes=2 if dst == "fsdp2" else None)
 
     def resume():
@@ -412,7 +418,7 @@ def start_background(tmp_path_factory, selected):
         runs.add("decoder", lambda: runs.train(assets, root / "decoder", "decoder", 1, devices=8))
     if "fsdp2" in wanted:  # 1 process, then torchrun's 2 from its step 2, then 1 again from their step 3
         runs.add("one", lambda: runs.train(assets, root / "one", "1", 4, *TORCHRUN))
-        runs.add("fsdp2", lambda: preempted("one", "fsdp2", 2), after="one")
+        runs.add("fsdp2", lambda: preempted("one", "fsdp2", 3), after="one")
         runs.add("back", lambda: preempted("fsdp2", "back", 3), after="fsdp2")
     runs.add_worker()
     return runs
@@ -472,11 +478,16 @@ def test_stage2_and_decoder_run_on_spmd(spmd):
 
 
 def test_torchrun_processes_train_as_one_and_resume_on_another_count(fsdp2):
-    """FSDP2 under torchrun (gloo): a run in 1 process, its checkpoint at step 2 resumed in 2 processes, and theirs at
-    step 3 in 1 process again. Each batch is the whole (8-sample) data set, so a step's samples do not depend on how
-    the processes split them: the losses and gradient norms agree to float rounding."""
+    """FSDP2 under torchrun (gloo): a run in 1 process, its checkpoint at step 2 resumed in 2 processes (its step 3 is
+    corrupted in a file the second process checks: both skip it), and theirs at step 3 in 1 process again. Each batch
+    is the whole (8-sample) data set, so a step's samples do not depend on how the processes split them: the losses
+    and gradient norms agree to float rounding."""
     root, runs = fsdp2.wait()
     assert "at step 2" in runs["fsdp2"].stdout and "at step 3" in runs["back"].stdout
+    assert "skipping checkpoint" in runs["fsdp2"].stdout and "does not match its checksum" in runs["fsdp2"].stdout
+    ckpt = root / "fsdp2" / "ckpt-4"  # hashed by the 2 processes, a share each: the manifest lists every file
+    assert set(json.loads((ckpt / "manifest.json").read_text())["files"]) == {p.name for p in ckpt.iterdir()} - {
+        "manifest.json"}
     for key in ("loss", "grad_norm"):
         ref = losses(root / "one", key)
         for name, steps in (("fsdp2", (3, 4)), ("back", (4,))):
