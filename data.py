@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100   # label of tokens the loss skips
 IMAGE_TOKENS = 256    # slots per image: 16x16 patches of a 224px image at patch 14
-PREFETCH = 256        # records the worker processes prepare ahead: two official host batches (128 each)
 ROLES = {"human": "user", "gpt": "assistant"}  # official names -> ChatML roles; other roles pass through, masked
 
 
@@ -257,7 +256,7 @@ class SampleStream:
     """Iterator of `Sample`s for data-parallel host `rank` of `world`, padded to max_len; endless with epochs=None.
     images_only: skip text-only samples (decoder stage; tokenizer may be None). `stats` counts reads, uses and skips.
     preprocess: images come out as the encoder's pixels; workers: records are prepared (decoded, tokenized,
-    preprocessed) in that many processes, ahead of time, and come out in the same order as without them.
+    preprocessed) in that many processes, up to `prefetch` ahead, and come out in the order they would without them.
     An epoch: the seed+epoch permutation of all shards (identical on all hosts), of which this host reads positions
     rank, rank + world, ... in order, each shard in blocks of buffer_size records shuffled by a key of the shard, not
     of the host: a shard's records come in one order whichever host reads it. So a host's progress is a cursor
@@ -265,15 +264,15 @@ class SampleStream:
     of the shard at `position`; any number of hosts can share out the rest of the epoch (`load_state_dict`)."""
 
     def __init__(self, source, tokenizer, max_len, rank=0, world=1, seed=0, shuffle=True, buffer_size=1000,
-                 epochs=None, image_tokens=IMAGE_TOKENS, images_only=False, preprocess=None, workers=0):
+                 epochs=None, image_tokens=IMAGE_TOKENS, images_only=False, preprocess=None, workers=0, prefetch=256):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, world={world})")
         if tokenizer is None and not images_only:
             raise ValueError("a SampleStream without a tokenizer can only read images (images_only=True)")
         if source.num_shards < world:
             raise ValueError(f"{source.num_shards} shard(s) cannot feed {world} hosts: write at least one per host")
-        self.source, self.prepare, self.workers = source, Prepare(tokenizer, max_len, image_tokens, images_only,
-                                                                  preprocess), workers
+        self.source, self.prepare = source, Prepare(tokenizer, max_len, image_tokens, images_only, preprocess)
+        self.workers, self.prefetch = workers, prefetch
         self.rank, self.world, self.seed, self.shuffle, self.epochs = rank, world, seed, shuffle, epochs
         self.buffer_size = buffer_size if shuffle else 1
         self.epoch, self.cursors = 0, {}  # the cursors of this epoch and later ones: this host's, and those it resumed
@@ -313,7 +312,7 @@ class SampleStream:
             epoch += 1
 
     def _prepared(self):
-        """(cursor, Sample or Skip), or (None, epoch): in order, prepared here or up to PREFETCH ahead in the workers
+        """(cursor, Sample or Skip), or (None, epoch): in order, prepared here or up to `prefetch` ahead in the workers
         (forked, as DataLoader's: they inherit the tokenizer and preprocessing)."""
         if not self.workers:
             yield from ((c, r if c is None else self.prepare(r)) for c, r in self._records())
@@ -323,7 +322,7 @@ class SampleStream:
             ahead = deque()
             for c, r in self._records():
                 ahead.append((c, r if c is None else pool.submit(_prepare_in_worker, r)))
-                while ahead and (len(ahead) > PREFETCH or ahead[0][0] is None):
+                while ahead and (len(ahead) > self.prefetch or ahead[0][0] is None):
                     c, r = ahead.popleft()
                     yield c, r if c is None else r.result()
             yield from ((c, r if c is None else r.result()) for c, r in ahead)

@@ -438,7 +438,7 @@ def train_step(batch):
 # ---- Data: this host's shard of the stream, fixed-shape batches ----
 stream = SampleStream(source, tokenizer, args.seq_len, rank=rank, world=world, seed=args.seed,
                       images_only=args.stage == "decoder", image_tokens=encoder.num_tokens,
-                      preprocess=encoder.preprocess, workers=args.data_workers)
+                      preprocess=encoder.preprocess, workers=args.data_workers, prefetch=2 * args.batch_size // world)
 
 
 # ---- Checkpoints: written in place, the manifest last (no folder rename: object-store mounts such as gcsfuse do not

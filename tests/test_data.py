@@ -306,7 +306,7 @@ def test_batches_have_static_shapes_and_resume(tok, shapes):
     """Also with 2 worker processes preparing the samples: the same batches, and the position after each."""
     def stream(workers=0):
         return SampleStream(open_source(shapes["wds"]), tok, 300, seed=1, buffer_size=6, preprocess=preprocess,
-                            workers=workers)
+                            workers=workers, prefetch=7)
     it = data.batches(stream(), 5, SIZE)
     batch = next(it)
     assert {k: (tuple(v.shape), v.dtype) for k, v in batch.items()} == dict(
