@@ -531,11 +531,11 @@ class ScaleRAE(Qwen2ForCausalLM):
     checkpoint_keys = None  # every key of the file belongs to the model
     config_class = ScaleRAEConfig
 
-    def save_pretrained(self, folder, tokenizer, state_dict=None):
-        """The official layout in a new folder: config.json, model.safetensors (fp32; or state_dict's), tokenizer."""
+    def save_pretrained(self, folder, tokenizer, state_dict=None, full=lambda t: t):
+        """The official layout in a new folder: config.json, model.safetensors (fp32: save_safetensors), tokenizer."""
         def write(tmp):
-            save_safetensors({k: v.float() for k, v in (state_dict or self.state_dict()).items()},
-                             tmp / "model.safetensors", metadata={"format": "pt"})
+            save_safetensors(state_dict or self.state_dict(), tmp / "model.safetensors", {"format": "pt"},
+                             torch.float32, full)
             (tmp / "config.json").write_text(json.dumps(self.config.to_official(), indent=2))
             tokenizer.save(tmp)
         write_folder(folder, write)

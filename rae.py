@@ -124,14 +124,14 @@ class RAEDecoder(nn.Module):
         B, g, p, c = patches.shape[0], self.config.grid, self.config.patch_size, self.config.num_channels
         return patches.reshape(B, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(B, c, g * p, g * p)
 
-    def save_pretrained(self, folder, state_dict=None):
+    def save_pretrained(self, folder, state_dict=None, full=lambda t: t):
         """The released layout, in a new folder: a ViT-MAE-style config.json and model.pt (flat, float32), of this
-        model's state_dict (default) or of one gathered from its shards."""
+        model's state_dict (default) or of state_dict, each tensor made whole by full() (a sharded one gathered)."""
         config = dict(model_type="vit_mae", architectures=["GeneralDecoder"],
                       hidden_size=self.decoder_embed.in_features, **asdict(self.config))
 
         def write(tmp):
-            sd = {k: v.detach().float().cpu().contiguous() for k, v in (state_dict or self.state_dict()).items()}
+            sd = {k: full(v.detach()).float().cpu() for k, v in (state_dict or self.state_dict()).items()}
             torch.save(sd, tmp / "model.pt")
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_folder(folder, write)

@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
 from data import SampleStream, batches, open_source
@@ -36,7 +36,7 @@ from model import (CE_CHUNK, QWEN_PRESETS, ChunkedCrossEntropy, Qwen2ForCausalLM
                    at_least, checkpoint_encoder)
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
-from weights import WeightsError, check_digests, read_config, resolve, sha256, write_atomic
+from weights import WeightsError, check_digests, read_config, resolve, save_safetensors, sha256, write_atomic
 
 # ---- Arguments ----
 STAGE_DEFAULTS = {  # the official values; the decoder's are RAE's (ViT-XL recipe)
@@ -586,14 +586,16 @@ for step in range(start + 1, args.steps + 1):
         save_checkpoint(step)
         log(f"saved {out / f'ckpt-{step}'}")
 
-# ---- Export: the official on-disk format (sample.py loads it) ----
-if FSDP2:  # the full tensors, on rank 0's CPU; every process takes part
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-else:
-    state = model.to("cpu").state_dict()  # SPMD: gathers the shards; every host takes part
-state = {k: v[:model.config.vocab_size] if k in ("model.embed_tokens.weight", "lm_head.weight") else v
-         for k, v in state.items()}  # without the padding rows
+# ---- Export: the official on-disk format (sample.py loads it). Each sharded tensor is gathered by all processes (SPMD:
+# .cpu()) as rank 0 writes it: no host holds the whole model (but for the decoder's model.pt, a pickle of 0.3 B) ----
+state = model.state_dict()
+if USE_XLA:  # without the vocabulary's padding rows (lazy slices: only they are gathered)
+    state |= {k: state[k][:model.config.vocab_size] for k in ("model.embed_tokens.weight", "lm_head.weight") if k in state}
+full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t.cpu()  # noqa: E731
 if rank == 0:
-    model.save_pretrained(out / "export", *([] if args.stage == "decoder" else [tokenizer]), state_dict=state)
+    tokenizers = [] if args.stage == "decoder" else [tokenizer]
+    model.save_pretrained(out / "export", *tokenizers, state_dict=state, full=full)
     log(f"exported {out / 'export'}")
+else:
+    save_safetensors(state, None, full=full)  # its part in each tensor's gather, in the same order
 barrier()

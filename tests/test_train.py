@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import write_shapes
 from shapes import save_siglip, train_tokenizer, write_shapes_dataset
@@ -431,6 +432,11 @@ def spmd(background):
     return runs
 
 
+def same_weights(a, b):  # the same names and shapes, and values to float rounding (the runs' are within 4e-8)
+    return a.keys() == b.keys() and all(v.shape == b[k].shape and torch.allclose(v, b[k], rtol=0, atol=1e-6)
+                                        for k, v in a.items())
+
+
 fsdp2 = spmd  # the torchrun runs, in the same queue
 TORCHRUN = ("--vision-coef", 0, "--save-every", 1)  # the loss without diffusion noise: each process draws its own
 
@@ -453,6 +459,9 @@ def test_sharded_step_equals_single_device_and_compiles_once(spmd):
     step = max((root / "hlo").glob("*after_optimizations.txt"), key=lambda p: p.stat().st_size).read_text()
     gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", step)
     assert [s for s in gathered if {"2048", "1024", "352", "350"} & set(s.split(","))] == ["2048,32"], gathered
+    # Its export, gathered from 8 devices a tensor at a time (the padding rows cut), has the 1-device run's weights
+    exports = [load_file(root / run / "export" / "model.safetensors") for run in ("devices8", "devices1")]
+    assert same_weights(*exports)
 
 
 @needs_xla
@@ -495,4 +504,5 @@ def test_torchrun_processes_train_as_one_and_resume_on_another_count(fsdp2):
             for step in steps:
                 assert abs(got[step] - ref[step]) <= 1e-5 * max(1.0, abs(ref[step])), (name, key, step)
     from model import ScaleRAE
-    ScaleRAE.from_pretrained(root / "fsdp2" / "export")  # gathered from the 2 processes' shards
+    ScaleRAE.from_pretrained(root / "fsdp2" / "export")  # gathered from the 2 processes' shards, a tensor at a time
+    assert same_weights(*(load_file(root / run / "export" / "model.safetensors") for run in ("fsdp2", "one")))
