@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+from checkpoint import Checkpoints
 from data import SampleStream, batches, open_source
 from dit import DIT_PRESETS, dit_flops
 from encoders import denormalize, load_encoder, num_tokens, read_encoder_config
@@ -36,7 +35,7 @@ from model import (CE_CHUNK, QWEN_PRESETS, ChunkedCrossEntropy, Qwen2ForCausalLM
                    at_least, checkpoint_encoder)
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
-from weights import WeightsError, check_digests, read_config, resolve, save_safetensors, sha256, write_atomic
+from weights import WeightsError, read_config, resolve, save_safetensors, write_atomic
 
 # ---- Arguments ----
 STAGE_DEFAULTS = {  # the official values; the decoder's are RAE's (ViT-XL recipe)
@@ -155,7 +154,6 @@ elif USE_XLA:
     import torch_xla.distributed.spmd as xs
     import torch_xla.distributed.xla_backend  # noqa: F401  (registers the xla:// rendezvous)
     import torch_xla.runtime as xr
-    from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner
 
     xr.use_spmd()
     device, rank, world = torch_xla.device(), xr.process_index(), xr.process_count()
@@ -441,85 +439,43 @@ stream = SampleStream(source, tokenizer, args.seq_len, rank=rank, world=world, s
                       preprocess=encoder.preprocess, workers=args.data_workers, prefetch=2 * args.batch_size // world)
 
 
-# ---- Checkpoints: written in place, the manifest last (no folder rename: object-store mounts such as gcsfuse do not
-# make one atomic); a folder without a manifest is an interrupted save, and the newest intact checkpoint resumes ----
-def checkpoints(complete=True):  # the run's ckpt-N folders, oldest first; complete: with their manifest
-    found = [p for p in out.glob("ckpt-*") if re.fullmatch(r"ckpt-\d+", p.name) and p.is_dir()]
-    return sorted((p for p in found if not complete or (p / "manifest.json").exists()), key=lambda p: int(p.name[5:]))
+# ---- Checkpoints (checkpoint.py): written in the background; the newest intact one resumes ----
+ckpts = Checkpoints(out, args.keep, xla=USE_XLA)
 
 
 def save_checkpoint(step):
-    path = out / f"ckpt-{step}"
-    if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
-        path.mkdir()
-    barrier()
-    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict())
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(path), planner=SPMDSavePlanner() if USE_XLA else None)
     rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
                xla=xm.get_rng_state() if USE_XLA else None)  # the steps' draws: timesteps, noise, CFG dropout
-    torch.save(dict(step=step, data=stream.state_dict(), rng=rng), path / f"host{rank}.pt")  # tensors, plain types
-    # state_dict() tensors alias the parameters, and torch.distributed.checkpoint leaves reference cycles around
-    # them; while an alias lives, XLA must also output it after each in-place update: another graph.
-    del state
-    gc.collect()
-    barrier()
-    names = sorted(f.name for f in path.iterdir())  # each process hashes a share of the files (TBs on a pod)
-    files = gathered({n: ((path / n).stat().st_size, sha256(path / n)) for n in names[rank::world]})
-    if rank == 0:  # a file of another size or checksum than the manifest's: not a checkpoint
-        write_atomic(path / "manifest.json", json.dumps(dict(step=step, files=dict(sorted(files.items())))).encode())
-        for old in checkpoints()[:-args.keep]:
-            shutil.rmtree(old)
-    barrier()
-
-
-def gathered(mine):  # every process's dict, merged
-    if not dist.is_initialized():
-        return mine
-    every = [None] * world
-    dist.all_gather_object(every, mine)
-    return {k: v for d in every for k, v in d.items()}
-
-
-def check_checkpoint(path):
-    """None if every file has the size and checksum of the manifest, else what is wrong with the checkpoint. Each
-    process checks a share of the files, and all of them learn the verdict."""
-    try:
-        files = sorted(json.loads((path / "manifest.json").read_text())["files"].items())
-        problem = check_digests(path, dict(files[rank::world]))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        problem = f"no readable manifest ({type(e).__name__}: {e})"
-    return next(filter(None, gathered({rank: problem}).values()), None)
+    ckpts.save(step, dict(model=model.state_dict(), optimizer=optimizer.state_dict()),
+               host=dict(step=step, data=stream.state_dict(), rng=rng))
 
 
 def load_checkpoint(path):
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict())
-    dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=SPMDLoadPlanner() if USE_XLA else None)
+    hosts = ckpts.load(path, state)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    # state_dict() tensors alias the parameters, and torch.distributed.checkpoint leaves reference cycles around
+    # them; while an alias lives, XLA must also output it after each in-place update: another graph.
     del state
-    gc.collect()  # as after a save
-    n = len(list(path.glob("host*.pt")))  # the hosts that saved it: this run may have another number
-    hosts = [torch.load(path / f"host{r}.pt", weights_only=True) for r in range(n)]  # nothing read may run code
+    gc.collect()
     stream.load_state_dict([h["data"] for h in hosts])  # this host's share of what is left of the epoch
-    host = hosts[rank % n]  # the step and the RNG: its own when the number of hosts is the same
+    host = hosts[rank % len(hosts)]  # the step and the RNG: its own when the number of hosts is the same
     sync()  # the restored tensors become device buffers before the first step is traced
     torch.set_rng_state(host["rng"]["torch"])  # the RNG last: every XLA sync advances the device RNG
     if host["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(host["rng"]["cuda"])
     if host["rng"]["xla"] is not None:
         xm.set_rng_state(host["rng"]["xla"])
-    if FSDP2 and n != world:  # new processes: draws of their own (a copied RNG would repeat another's noise)
+    if FSDP2 and len(hosts) != world:  # new processes: draws of their own (a copied RNG would repeat another's noise)
         torch.manual_seed(args.seed + world * host["step"] + rank)
     return host["step"]
 
 
 start = 0
-if rank == 0:
-    for stale in set(checkpoints(complete=False)) - set(checkpoints()):  # saves that a crash interrupted
-        shutil.rmtree(stale)
-for path in reversed(checkpoints()):
-    problem = check_checkpoint(path)
+ckpts.remove_interrupted()
+for path in reversed(ckpts.list()):
+    problem = ckpts.check(path)
     if problem is None:
         try:
             start = load_checkpoint(path)
@@ -529,7 +485,7 @@ for path in reversed(checkpoints()):
             problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     log(f"skipping checkpoint {path}: {problem}")
 else:
-    if checkpoints():
+    if ckpts.list():
         raise SystemExit(f"no intact checkpoint in {out} (why: above); to start over from step 0, move the "
                          f"ckpt-* folders out of it and --resume again")
 
@@ -579,18 +535,19 @@ for step in range(start + 1, args.steps + 1):
     sync()
     save = step % args.save_every == 0 or step == args.steps
     if (logged or save) and bad.item():  # never checkpoint weights that a non-finite gradient has reached
-        last = checkpoints()[-1].name if checkpoints() else "none"
+        last = ckpts.list()[-1].name if ckpts.list() else "none"
         raise SystemExit(f"non-finite loss or gradient norm by step {step}: stopping. The last good "
                          f"checkpoint ({out / last}) is untouched.")
     if save:
         save_checkpoint(step)
-        log(f"saved {out / f'ckpt-{step}'}")
+ckpts.wait()  # the last checkpoint complete, or its error raised
 
 # ---- Export: the official on-disk format (sample.py loads it). Each sharded tensor is gathered by all processes (SPMD:
-# .cpu()) as rank 0 writes it: no host holds the whole model (but for the decoder's model.pt, a pickle of 0.3 B) ----
+# .cpu()) as rank 0 writes it: no host holds the whole model (but for the decoder's model.pt, a pickle of 0.42 B) ----
 state = model.state_dict()
 if USE_XLA:  # without the vocabulary's padding rows (lazy slices: only they are gathered)
-    state |= {k: state[k][:model.config.vocab_size] for k in ("model.embed_tokens.weight", "lm_head.weight") if k in state}
+    state |= {k: state[k][:model.config.vocab_size] for k in ("model.embed_tokens.weight", "lm_head.weight")
+              if k in state}
 full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t.cpu()  # noqa: E731
 if rank == 0:
     tokenizers = [] if args.stage == "decoder" else [tokenizer]

@@ -9,7 +9,6 @@ Modules are built on the `meta` device and filled with `assign=True`, so a 7B mo
 Files and folders are written under a temporary name and renamed when complete, so a crash never leaves half of one.
 """
 
-import hashlib
 import json
 import os
 import secrets
@@ -136,24 +135,6 @@ def write_folder(folder, write):
     write(tmp)
     tmp.rename(folder)
     return folder
-
-
-def sha256(path):  # ~0.8 s per GB on one core
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def check_digests(folder, digests):
-    """None if every file of `digests` {name: (size, sha256)} (a manifest's) is in `folder` with that size and
-    checksum, else what is wrong with the first that is not."""
-    for name, (size, digest) in digests.items():
-        path = Path(folder) / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
-        if sha256(path) != digest:
-            return f"{name} does not match its checksum (corrupted)"
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",

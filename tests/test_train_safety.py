@@ -6,9 +6,13 @@ import hashlib
 import json
 import os
 import pickle
+import threading
 
 import pytest
+import torch
 
+import checkpoint
+from checkpoint import Checkpoints, sha256
 from test_train import assets, losses, refused, train  # noqa: F401  (assets is a fixture)
 
 
@@ -80,3 +84,34 @@ def test_checkpoints_never_run_code_and_corruption_falls_back_to_an_intact_one(a
 
     run = refused(assets, out, "1", 4, "--resume", "--backend", "xla")  # another backend: refused before any work
     assert run.returncode == 2 and "trained with --backend torch" in run.stderr, run.stderr
+
+
+def test_a_save_is_written_in_the_background_from_a_copy_and_its_failure_is_raised(tmp_path, monkeypatch):
+    """Checkpoints.save returns once the state is copied: the weights change meanwhile, yet the checkpoint holds them
+    as they were; its manifest appears only when the writer is done. A failed write raises at the next wait() and
+    leaves a folder without a manifest, which the next run removes."""
+    release = threading.Event()
+    monkeypatch.setattr(checkpoint, "sha256", lambda path: release.wait(30) and sha256(path))  # the writer stalls
+    ckpts = Checkpoints(tmp_path, keep=2)
+    model = torch.nn.Linear(4, 3)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpts.save(1, dict(model=model.state_dict()), host=dict(step=1, data=[5]))
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the next step, while the checkpoint is written
+    assert not (tmp_path / "ckpt-1" / "manifest.json").exists() and ckpts.list() == []
+    release.set()
+    ckpts.wait()
+    assert ckpts.list() == [tmp_path / "ckpt-1"] and ckpts.check(tmp_path / "ckpt-1") is None
+    state = dict(model=torch.nn.Linear(4, 3).state_dict())
+    assert ckpts.load(tmp_path / "ckpt-1", state) == [dict(step=1, data=[5])]
+    assert all(torch.equal(state["model"][k], v) for k, v in saved.items())
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "sha256", full_disk)
+    ckpts.save(2, dict(model=model.state_dict()), host=dict(step=2, data=[6]))
+    with pytest.raises(OSError, match="No space left"):
+        ckpts.wait()
+    assert ckpts.list() == [tmp_path / "ckpt-1"] and (tmp_path / "ckpt-2").is_dir()
+    Checkpoints(tmp_path, keep=2).remove_interrupted()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-1"]
