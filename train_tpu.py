@@ -87,7 +87,8 @@ parser.add_argument("--peak-tflops", type=at_least(0, float), help="peak TFLOP/s
                     "(default: the chip's, for the chips in CHIPS)")
 parser.add_argument("--backend", choices=["auto", "xla", "torch"], default="auto",
                     help="auto: torch_xla SPMD when PJRT_DEVICE is set, else plain PyTorch")
-parser.add_argument("--data-parallel", type=at_least(1), default=1, help="the mesh's `data` axis size (fsdp: the rest)")
+parser.add_argument("--data-parallel", type=at_least(1), help="the mesh's `data` axis size (fsdp: the rest; default 1, "
+                    "or the number of TPU slices: data parallel across slices, FSDP within each)")
 parser.add_argument("--plan", metavar="SLICE", help="print the parameters and the memory per chip of this run on a "
                     f"slice ({', '.join(CHIPS)}: e.g. v6e-64, v5p-64, 8xH100), then exit; no weights are read")
 args = parser.parse_args()
@@ -140,6 +141,7 @@ if saved_args.get("backend") not in (None, args.backend):
     parser.error(f"the run in {out} was trained with --backend {saved_args['backend']}; resume it with that backend "
                  f"(its checkpoints hold that backend's optimizer state and RNG)")
 RAM = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a CPU's devices share it
+slices = 1  # TPU slices: more than one in a multi-slice job
 if args.plan:  # a slice we are not on: the model is built on the meta device, nothing is read or allocated
     plan = re.fullmatch(r"(\w+?)-(\d+)|(\d+)x(\w+)", args.plan)
     kind = plan and (plan[1] or plan[4])
@@ -160,6 +162,7 @@ elif USE_XLA:
     if world > 1:  # a CPU process group across hosts, for checkpoints and barriers
         dist.init_process_group("gloo", init_method="xla://")
     n_devices = xr.global_runtime_device_count()
+    slices = len({d.get("slice_index", 0) for d in xr.global_runtime_device_attributes()})  # > 1: multi-slice TPU
     from torch_xla._internal.tpu import get_tpu_type  # from the VM's metadata: v4, v5litepod, v5p, v6e, ...
     kind = get_tpu_type() if xr.device_type() == "TPU" else None
     # The chip's memory from CHIPS: SPMD's virtual device cannot report it (xm.get_memory_info raises).
@@ -175,10 +178,15 @@ else:  # one process per device under torchrun (FSDP2 over its processes), else 
     n_devices = world
     kind = next((k for k in CHIPS if cuda and k in torch.cuda.get_device_name(device)), None)
     memory = torch.cuda.get_device_properties(device).total_memory if cuda else RAM / world
-if n_devices % args.data_parallel:
-    parser.error(f"--data-parallel {args.data_parallel} does not divide the {n_devices} devices")
+args.data_parallel = args.data_parallel or slices
+if n_devices % args.data_parallel or args.data_parallel % slices:
+    parser.error(f"--data-parallel {args.data_parallel} must divide the {n_devices} devices and be a multiple of the "
+                 f"{slices} slice(s)")
 fsdp = n_devices // args.data_parallel
-if USE_XLA:
+if USE_XLA and slices > 1:  # the `data` axis across slices (DCN: only the gradients' all-reduce), FSDP within (ICI)
+    mesh = xs.HybridMesh(ici_mesh_shape=(args.data_parallel // slices, fsdp), dcn_mesh_shape=(slices, 1),
+                         axis_names=("data", "fsdp"))
+elif USE_XLA:
     mesh = xs.Mesh(np.arange(n_devices), (args.data_parallel, fsdp), ("data", "fsdp"))
 FSDP2 = world > 1 and not USE_XLA  # torchrun: one process per device
 if FSDP2:  # FSDP2's mesh: parameters sharded over `fsdp`, replicated over `data` (HSDP)

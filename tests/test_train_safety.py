@@ -29,6 +29,7 @@ from test_train import assets, losses, refused, train  # noqa: F401  (assets is 
     (["--data", "{garbage}"], "its first record cannot be read"),
     (["--llm", "", "--init", "/nonexistent/qwen"], "/nonexistent/qwen"),
     (["--tokenizer", "/nonexistent/tokenizer"], "/nonexistent/tokenizer"),
+    (["--data-parallel", "2"], "--data-parallel 2 must divide the 1 devices"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(assets, tmp_path, extra, message):
     if "{garbage}" in extra:
