@@ -49,7 +49,8 @@ class Checkpoints:
         # the training's (NCCL under torchrun): every process calls new_group here, at the same point.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         cuda = torch.cuda.is_available() and not xla  # pinned host buffers, reused by every save
-        self.stager = DefaultStager(StagingOptions(cuda, False, False, cuda))
+        self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                   use_async_staging=False, use_non_blocking_copy=cuda))
         self.save_planner = self.load_planner = lambda: None
         if xla:  # tensors sharded over this host's devices
             from torch_xla.experimental.distributed_checkpoint import SPMDLoadPlanner, SPMDSavePlanner

@@ -5,6 +5,7 @@ Every component loads through the same functions, so every loader behaves the sa
   read_config / from_dict    config.json, and a config dataclass from it (unknown keys ignored);
   read_safetensors(folder)   `model.safetensors` or a sharded `model.safetensors.index.json`, memory-mapped;
   load_strict(module, sd)    every missing, unexpected or mis-shaped key in one error (official: strict=False, silent).
+  save_safetensors(sd, path) the format written a tensor at a time, so a sharded model is gathered one tensor at a time.
 Modules are built on the `meta` device and filled with `assign=True`, so a 7B model never exists twice in RAM.
 Files and folders are written under a temporary name and renamed when complete, so a crash never leaves half of one.
 """
