@@ -91,8 +91,8 @@ class Checkpoints:
                  process_group=self.group)
         torch.save(host, path / f"host{self.rank}.pt")
         self.barrier()
-        names = sorted(f.name for f in path.iterdir())  # each process hashes a share of the files (TBs on a pod)
-        files = self.gathered({n: ((path / n).stat().st_size, sha256(path / n)) for n in names[self.rank::self.world]})
+        names = sorted(f.name for f in path.iterdir())[self.rank::self.world]  # each process hashes a share (TBs)
+        files = self.gathered({n: ((path / n).stat().st_size, sha256(path / n)) for n in names})
         if self.rank == 0:  # a file of another size or checksum than the manifest's: not a checkpoint
             manifest = dict(step=step, files=dict(sorted(files.items())))
             write_atomic(path / "manifest.json", json.dumps(manifest).encode())
