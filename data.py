@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import random
+import signal
 import tarfile
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -246,6 +247,7 @@ class Prepare:
 def _start_worker(prepare):  # a worker process gets the stream's Prepare once, not with every record
     global _prepare
     _prepare = prepare
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler (a fork inherits it): a worker just ends
 
 
 def _prepare_in_worker(record):

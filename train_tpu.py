@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -497,6 +498,20 @@ else:
         raise SystemExit(f"no intact checkpoint in {out} (why: above); to start over from step 0, move the "
                          f"ckpt-* folders out of it and --resume again")
 
+# ---- Preemption: on SIGTERM (a preemptible or spot VM's notice; torchrun passes it on) every process ends its step,
+# they save that step together, and the run exits for a --resume instead of losing the steps since the last save ----
+notified = []
+signal.signal(signal.SIGTERM, lambda signum, frame: notified.append(signum))
+notice_group = dist.new_group(backend="gloo") if dist.is_initialized() else None  # beside the training's NCCL
+
+
+def preempted():  # by any process: all of them stop at the same step (a host-side all-reduce, no device wait)
+    flag = torch.tensor(len(notified))
+    if notice_group is not None:
+        dist.all_reduce(flag, group=notice_group)
+    return bool(flag)
+
+
 # ---- Training loop ----
 meter = dict(time=time.perf_counter(), step=start)
 total_flops = flops_per_sample() * args.batch_size
@@ -541,13 +556,18 @@ for step in range(start + 1, args.steps + 1):
         report_args = (step, metrics, [g["lr"] for g in optimizer.param_groups])
         xm.add_step_closure(report, report_args) if USE_XLA else report(*report_args)
     sync()
-    save = step % args.save_every == 0 or step == args.steps
+    stopping = preempted()
+    save = step % args.save_every == 0 or step == args.steps or stopping
     if (logged or save) and bad.item():  # never checkpoint weights that a non-finite gradient has reached
         last = ckpts.list()[-1].name if ckpts.list() else "none"
         raise SystemExit(f"non-finite loss or gradient norm by step {step}: stopping. The last good "
                          f"checkpoint ({out / last}) is untouched.")
     if save:
         save_checkpoint(step)
+    if stopping:
+        ckpts.wait()
+        log(f"SIGTERM: stopped at step {step}, saved in {out / f'ckpt-{step}'}; continue with --resume")
+        raise SystemExit(128 + signal.SIGTERM)
 ckpts.wait()  # the last checkpoint complete, or its error raised
 
 # ---- Export: the official on-disk format (sample.py loads it). Each sharded tensor is gathered by all processes (SPMD:

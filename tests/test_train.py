@@ -1,8 +1,9 @@
 """train_tpu.py end to end, as a user runs it (a subprocess per training run), on tiny models, offline, on the CPU.
 
 Plain PyTorch: stage 1 and stage 2 overfit a tiny synthetic set, the decoder stage lowers the reconstruction
-error, the exports load back, a killed run resumes to the same losses as an uninterrupted one, a diverging run
-stops and leaves its last good checkpoint intact. Runs refused before any training run in this interpreter.
+error, the exports load back, a preempted run (SIGTERM) saves its step and resumes to an uninterrupted run's losses,
+a diverging run stops and leaves its last good checkpoint intact. Runs refused before any training run in this
+interpreter.
 torch_xla SPMD (PJRT_DEVICE=CPU, 8 virtual devices; skipped without torch_xla): the sharded run gives the same
 losses as the single-device one, the step compiles once, a truncated checkpoint is skipped for the previous one,
 and stage 2 and the decoder stage run too. torchrun (FSDP2 over gloo): 2 processes train as 1 does, and a run
@@ -264,30 +265,34 @@ def test_exports_sample_an_image_with_sample_py(assets, stage1, decoder, tmp_pat
     assert len(m["images"]) == 1 and len(m["latents"]) == 1, m
 
 
-def test_killed_run_resumes_to_the_same_losses(assets, tmp_path):
-    """The reference keeps its activations (--no-grad-ckpt): recomputing them must not change a thing either, nor
-    does decoding in 2 worker processes on the resume, which removes a save without its manifest. The reference and
-    the run to kill train side by side."""
+def test_preempted_run_saves_its_step_and_resumes_to_the_same_losses(assets, tmp_path):
+    """SIGTERM (a preemption notice) once ckpt-6 is written: the run ends its step, saves it and exits with 143. The
+    resume removes a save that a crash interrupted (no manifest) and matches the uninterrupted reference, which keeps
+    its activations (--no-grad-ckpt: recomputing them must not change a thing) while the resume decodes in 2 worker
+    processes. (A resume from an older checkpoint, as after a hard crash: test_train_safety.py.)"""
     reference = start(assets, tmp_path / "reference", "1", 9, "--save-every", "3", "--keep", "2", "--no-grad-ckpt")
-    out = tmp_path / "killed"
+    out = tmp_path / "preempted"
     proc = start(assets, out, "1", 9, "--save-every", "3", "--keep", "2")
     deadline = time.time() + 300
     while not (out / "ckpt-6" / "manifest.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # wherever it is: in a step, or writing its log
-    finish(proc, check=False)
-    assert not (out / "export").exists(), "the run finished before it could be killed"
+    proc.send_signal(signal.SIGTERM)
+    stopped = finish(proc, check=False)
+    step = int(stopped.stdout.split("SIGTERM: stopped at step ")[1].split(",")[0])
+    assert stopped.returncode == 143 and 6 <= step <= 9 and (out / f"ckpt-{step}" / "manifest.json").exists()
+    assert not (out / "export").exists()
     finish(reference)
-    shutil.copytree(out / "ckpt-6", out / "ckpt-8")  # as a save that a crash interrupts: no manifest yet
-    (out / "ckpt-8" / "manifest.json").unlink()
+    shutil.copytree(out / f"ckpt-{step}", out / "ckpt-10")  # as a save that a crash interrupts: no manifest yet
+    (out / "ckpt-10" / "manifest.json").unlink()
     shutil.copytree(out / "ckpt-6", out / "ckpt-6.bak")  # the user's copy: not the run's to use or remove
     run = train(assets, out, "1", 9, "--save-every", "3", "--keep", "2", "--resume", "--data-workers", "2")
-    assert int(run.stdout.split("resumed from")[1].split("at step ")[1].split()[0]) >= 6
+    assert f"resumed from {out / f'ckpt-{step}'} at step {step}" in run.stdout
     ref, got = losses(tmp_path / "reference"), losses(out)
     assert set(got) == set(range(1, 10))
-    for step in range(1, 10):
-        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
-    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-6", "ckpt-6.bak", "ckpt-9"]  # the last --keep
+    for s in range(1, 10):
+        assert abs(got[s] - ref[s]) <= 1e-5, (s, got[s], ref[s])
+    kept = {f"ckpt-{step if step < 9 else 6}", "ckpt-9", "ckpt-6.bak"}  # the last --keep, and the user's copy
+    assert {p.name for p in out.iterdir() if "ckpt" in p.name} == kept
 
 
 def test_existing_run_is_never_overwritten(assets, stage1):
