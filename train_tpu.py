@@ -520,7 +520,7 @@ tokens_per_sample = args.seq_len if args.stage != "decoder" else encoder.num_tok
 
 
 def report(step, metrics, lrs):
-    """Log a step: runs on the host once the step's tensors exist (under XLA, in a step closure)."""
+    """Log a step, from its values on the device (read one step late: see the loop)."""
     now = time.perf_counter()
     dt, steps = now - meter["time"], step - meter["step"]
     meter.update(time=now, step=step)
@@ -541,8 +541,19 @@ def report(step, metrics, lrs):
             f.write(json.dumps(rec) + "\n")
 
 
+def read(step, metrics, lrs, bad):
+    """A logged step's values, or a save's check (metrics None): they wait for the device to compute them."""
+    if bad.item():  # never checkpoint weights that a non-finite gradient has reached
+        last = ckpts.list()[-1].name if ckpts.list() else "none"
+        raise SystemExit(f"non-finite loss or gradient norm by step {step}: stopping. The last good "
+                         f"checkpoint ({out / last}) is untouched.")
+    if metrics is not None:
+        report(step, metrics, lrs)
+
+
 batch_iter = batches(stream, args.batch_size // world, encoder.image_size)  # from the resumed position
-bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient since the last check
+bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient so far
+pending = None  # a logged step, read once the next one is launched: then the device has that one to run meanwhile
 for step in range(start + 1, args.steps + 1):
     batch = to_device(next(batch_iter))
     for g, base in zip(optimizer.param_groups, base_lrs):
@@ -552,17 +563,15 @@ for step in range(start + 1, args.steps + 1):
         g["lr"] = base * lr_factor(step - 1)
     metrics = train_step(batch)
     bad = bad | ~torch.isfinite(metrics["loss"]) | ~torch.isfinite(metrics["grad_norm"])
-    if logged := step % args.log_every == 0 or step == args.steps:
-        report_args = (step, metrics, [g["lr"] for g in optimizer.param_groups])
-        xm.add_step_closure(report, report_args) if USE_XLA else report(*report_args)
     sync()
+    if pending:
+        read(*pending)
+    logged = step % args.log_every == 0 or step == args.steps
+    pending = (step, metrics, [g["lr"] for g in optimizer.param_groups], bad) if logged else None
     stopping = preempted()
-    save = step % args.save_every == 0 or step == args.steps or stopping
-    if (logged or save) and bad.item():  # never checkpoint weights that a non-finite gradient has reached
-        last = ckpts.list()[-1].name if ckpts.list() else "none"
-        raise SystemExit(f"non-finite loss or gradient norm by step {step}: stopping. The last good "
-                         f"checkpoint ({out / last}) is untouched.")
-    if save:
+    if step % args.save_every == 0 or step == args.steps or stopping:  # checked now, before it is saved
+        read(*(pending or (step, None, None, bad)))
+        pending = None
         save_checkpoint(step)
     if stopping:
         ckpts.wait()
