@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.utils._pytree import tree_map
 
 from weights import write_atomic
 
@@ -72,23 +73,29 @@ class Checkpoints:
         """Checkpoint `step`: `state` (model and optimizer state dicts) is copied to host memory now and written in
         the background, with `host` (this process's step, data position, RNG: plain types and tensors)."""
         self.wait()
-        path = self.out / f"ckpt-{step}"
+        path, error = self.out / f"ckpt-{step}", None
         if self.rank == 0:
-            shutil.rmtree(path, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
-            path.mkdir()
+            try:
+                shutil.rmtree(path, ignore_errors=True)  # a broken checkpoint of this step, skipped when resuming
+                path.mkdir()
+            except OSError as e:
+                error = e
+        self.agree(error)  # the folder exists for every process
         if self.xla:  # the local shards of every device (torch_xla's own async checkpointing does the same)
             import torch_xla.core.xla_model as xm
             from torch_xla.experimental.distributed_checkpoint._helpers import _sharded_cpu_state_dict
             xm.wait_device_ops()  # the step that wrote them has run
-            staged = _sharded_cpu_state_dict(state)
+            staged = _sharded_cpu_state_dict(state)  # it passes CPU tensors (AdamW's step counts) through: copied
+            staged = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t,
+                              staged)
         else:
             staged = self.stager.stage(state)
         self.pending = self.writer.submit(self._write, path, step, staged, host)
 
     def _write(self, path, step, state, host):
-        self.barrier()  # rank 0 made the folder
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(path), planner=self.save_planner(),
-                 process_group=self.group)
+        # per_thread_copy_ahead=0: the data is in host memory already (and this thread's CUDA device would be GPU 0)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, per_thread_copy_ahead=0),
+                 planner=self.save_planner(), process_group=self.group)
         torch.save(host, path / f"host{self.rank}.pt")
         self.barrier()
         names = sorted(f.name for f in path.iterdir())[self.rank::self.world]  # each process hashes a share (TBs)
@@ -101,10 +108,17 @@ class Checkpoints:
             print(f"saved {path}", flush=True)
 
     def wait(self):
-        """The save in flight, finished; its error, if it failed, raised here."""
+        """The save in flight, finished on every process; the error of any that failed, raised by all of them."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            pending.result()
+            self.agree(pending.exception())
+
+    def agree(self, error):  # collective: each process's error or None; raises on all of them if any failed
+        others = [e for e in self.gathered({self.rank: error and f"{type(error).__name__}: {error}"}).values() if e]
+        if error is not None:
+            raise error
+        if others:
+            raise RuntimeError(f"a checkpoint save failed on another process: {others[0]}")
 
     def check(self, path):
         """None if every file has the size and checksum of the manifest, else what is wrong with the checkpoint. Each

@@ -247,7 +247,9 @@ class Prepare:
 def _start_worker(prepare):  # a worker process gets the stream's Prepare once, not with every record
     global _prepare
     _prepare = prepare
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handler (a fork inherits it): a worker just ends
+    # torchrun and a VM's shutdown send SIGTERM to every process: the trainer then ends its step and saves it, which
+    # takes these workers; the pool ends them when the trainer exits
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _prepare_in_worker(record):

@@ -36,7 +36,7 @@ from model import (CE_CHUNK, QWEN_PRESETS, ChunkedCrossEntropy, Qwen2ForCausalLM
                    at_least, checkpoint_encoder)
 from rae import DECODER_PRESETS, RAEDecoder
 from tokenizer import Tokenizer
-from weights import WeightsError, read_config, resolve, save_safetensors, write_atomic
+from weights import WeightsError, read_config, resolve, write_atomic
 
 # ---- Arguments ----
 STAGE_DEFAULTS = {  # the official values; the decoder's are RAE's (ViT-XL recipe)
@@ -578,6 +578,7 @@ for step in range(start + 1, args.steps + 1):
         log(f"SIGTERM: stopped at step {step}, saved in {out / f'ckpt-{step}'}; continue with --resume")
         raise SystemExit(128 + signal.SIGTERM)
 ckpts.wait()  # the last checkpoint complete, or its error raised
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # from here a SIGTERM just ends the run: a --resume exports
 
 # ---- Export: the official on-disk format (sample.py loads it). Each sharded tensor is gathered by all processes (SPMD:
 # .cpu()) as rank 0 writes it: no host holds the whole model (but for the decoder's model.pt, a pickle of 0.42 B) ----
@@ -586,10 +587,13 @@ if USE_XLA:  # without the vocabulary's padding rows (lazy slices: only they are
     state |= {k: state[k][:model.config.vocab_size] for k in ("model.embed_tokens.weight", "lm_head.weight")
               if k in state}
 full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t.cpu()  # noqa: E731
-if rank == 0:
-    tokenizers = [] if args.stage == "decoder" else [tokenizer]
-    model.save_pretrained(out / "export", *tokenizers, state_dict=state, full=full)
-    log(f"exported {out / 'export'}")
-else:
-    save_safetensors(state, None, full=full)  # its part in each tensor's gather, in the same order
+made = []  # the tensors rank 0 has made whole
+try:
+    if rank == 0:
+        tokenizers = [] if args.stage == "decoder" else [tokenizer]
+        model.save_pretrained(out / "export", *tokenizers, state_dict=state, full=lambda t: made.append(t) or full(t))
+        log(f"exported {out / 'export'}")
+finally:  # the other processes' part in each gather, in rank 0's order; rank 0's too if its write failed part-way
+    for t in list(state.values())[len(made):]:
+        full(t)
 barrier()

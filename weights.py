@@ -102,12 +102,15 @@ def read_safetensors(folder, prefix="", keep=None, cast=lambda name, tensor: ten
 
 def write_atomic(path, write):
     """Write `path` under a new temporary name in its folder, then rename it: a failed write leaves nothing, no other
-    file is touched, the file gets the user's umask. `write` is the bytes, or write(tmp_path) that writes into it."""
+    file is touched, the file gets the user's umask. `write` is the bytes, or a callable write(tmp_path)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         tmp.write_bytes(write) if isinstance(write, bytes) else write(tmp)
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors' save_file) replace the file with a private (0600) one
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -145,7 +148,7 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 def save_safetensors(state_dict, path, metadata=None, dtype=None, full=lambda t: t):
     """Write a state dict as safetensors (in `dtype`, default each tensor's own), atomically and one tensor at a time:
     full(t) makes each tensor whole only when its turn comes, so a model sharded over processes is gathered tensor by
-    tensor and never whole in a host's memory. path None: only the full() calls, another process's part in them."""
+    tensor and never whole in a host's memory."""
     dtypes = {k: dtype or t.dtype for k, t in state_dict.items()}
     header, end = {"__metadata__": metadata} if metadata else {}, 0
     for k, t in state_dict.items():  # the header needs only shapes: it is written first
@@ -155,23 +158,15 @@ def save_safetensors(state_dict, path, metadata=None, dtype=None, full=lambda t:
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data 8-byte aligned, as safetensors writes it
 
-    def tensors():  # (B,) bytes of each whole tensor, in the header's order
-        for k, t in state_dict.items():
-            whole = full(t.detach()).to("cpu", dtypes[k]).contiguous()
-            if whole.shape != t.shape:
-                raise ValueError(f"{k}: full() gave shape {tuple(whole.shape)}, not {tuple(t.shape)}")
-            yield whole.reshape(-1).view(torch.uint8).numpy()
-
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(len(head).to_bytes(8, "little") + head)
-            for data in tensors():
-                f.write(data)
-    if path is None:
-        for _ in tensors():
-            pass
-    else:
-        write_atomic(path, write)
+            for k, t in state_dict.items():  # in the header's order, each made whole when its turn comes
+                whole = full(t.detach()).to("cpu", dtypes[k]).contiguous()
+                if whole.shape != t.shape:
+                    raise ValueError(f"{k}: full() gave shape {tuple(whole.shape)}, not {tuple(t.shape)}")
+                f.write(whole.reshape(-1).view(torch.uint8).numpy())
+    write_atomic(path, write)
 
 
 def caster(module, dtype=None, device="cpu"):

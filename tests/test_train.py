@@ -119,8 +119,11 @@ def start(assets, out, stage="1", steps=6, *extra, devices=None, processes=None,
     if processes:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "--no-python", *cmd]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=environment(devices, hlo), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return launch(cmd, environment(devices, hlo), nice)
+
+
+def launch(cmd, env, nice=0):
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if nice:  # at once, while it starts: the threads it makes later inherit it (no preexec_fn: threads run here)
         os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
     return proc
@@ -354,10 +357,16 @@ class Background:
                 threading.Thread(target=work, daemon=True).start()
 
     def train(self, *args, **kwargs):
+        return self.run(lambda: start(*args, nice=10, **kwargs))
+
+    def script(self, code, *args, devices):  # a Python snippet under torch_xla, in the repository's folder
+        return self.run(lambda: launch([sys.executable, "-c", code, *map(str, args)], environment(devices), 10))
+
+    def run(self, begin):
         with self.lock:
             if self.stopped:
                 raise RuntimeError("the test session is over")
-            proc = start(*args, nice=10, **kwargs)
+            proc = begin()
             self.procs.append(proc)
         return finish(proc)
 
@@ -418,6 +427,7 @@ def start_background(tmp_path_factory, selected):
         runs.add("devices8", lambda: runs.train(assets, root / "devices8", "1", 4, "--save-every", "2", devices=8,
                                                 hlo=root / "hlo"))
         runs.add("devices1", lambda: runs.train(assets, root / "devices1", "1", 4, "--save-every", "2", devices=1))
+        runs.add("staging", lambda: runs.script(STAGING, root / "staging", devices=1))
         runs.add("resumed", resume, after="devices8")
         runs.add("stage2", lambda: runs.train(assets, root / "stage2", "2", 1, "--init", root / "devices1" / "export",
                                               "--precision", "bf16", devices=8), after="devices1")
@@ -440,6 +450,39 @@ def spmd(background):
 def same_weights(a, b):  # the same names and shapes, and values to float rounding (the runs' are within 4e-8)
     return a.keys() == b.keys() and all(v.shape == b[k].shape and torch.allclose(v, b[k], rtol=0, atol=1e-6)
                                         for k, v in a.items())
+
+
+STAGING = """
+import json, os, sys, threading, torch, torch_xla
+import checkpoint
+from checkpoint import Checkpoints
+dev, release, save = torch_xla.device(), threading.Event(), checkpoint.dcp.save
+model = torch.nn.Linear(4, 3).to(dev)
+opt = torch.optim.AdamW(model.parameters())
+def step():
+    model(torch.ones(2, 4, device=dev)).sum().backward()
+    opt.step()
+    torch_xla.sync()
+step()
+checkpoint.dcp.save = lambda *a, **k: release.wait(60) and save(*a, **k)  # the writer starts late
+os.makedirs(sys.argv[1])
+ckpts = Checkpoints(sys.argv[1], keep=1, xla=True)
+ckpts.save(1, dict(model=model.state_dict(), optimizer=opt.state_dict()), host=dict(step=1))
+saved = {k: v.cpu().clone() for k, v in model.state_dict().items()}
+step(); step(); release.set(); ckpts.wait()
+state = dict(model=model.state_dict(), optimizer=opt.state_dict())
+ckpts.load(ckpts.list()[-1], state)
+print(json.dumps(dict(steps=[s["step"].item() for s in state["optimizer"]["state"].values()],
+                      weights=all(torch.equal(state["model"][k].cpu(), v) for k, v in saved.items()))))
+"""
+
+
+@needs_xla
+def test_an_xla_checkpoint_holds_its_step_while_training_goes_on(spmd):
+    """Under XLA a save copies the device shards to the host, and the CPU tensors too (AdamW's step counts, which
+    torch_xla's staging passes through): two more steps taken while the writer waits do not reach the checkpoint."""
+    root, runs = spmd.wait()
+    assert json.loads(runs["staging"].stdout.splitlines()[-1]) == dict(steps=[1.0, 1.0], weights=True)
 
 
 fsdp2 = spmd  # the torchrun runs, in the same queue
