@@ -17,6 +17,7 @@ import re
 import signal
 import time
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -502,7 +503,8 @@ else:
 # they save that step together, and the run exits for a --resume instead of losing the steps since the last save ----
 notified = []
 signal.signal(signal.SIGTERM, lambda signum, frame: notified.append(signum))
-notice_group = dist.new_group(backend="gloo") if dist.is_initialized() else None  # beside the training's NCCL
+# Beside the training's NCCL. Hosts may reach its all-reduce far apart (a first compile takes minutes): 2 h, not 30 min
+notice_group = dist.new_group(backend="gloo", timeout=timedelta(hours=2)) if dist.is_initialized() else None
 
 
 def preempted():  # by any process: all of them stop at the same step (a host-side all-reduce, no device wait)
