@@ -570,8 +570,7 @@ for step in range(start + 1, args.steps + 1):
         read(*pending)
     logged = step % args.log_every == 0 or step == args.steps
     pending = (step, metrics, [g["lr"] for g in optimizer.param_groups], bad) if logged else None
-    stopping = preempted()
-    if step % args.save_every == 0 or step == args.steps or stopping:  # checked now, before it is saved
+    if (stopping := preempted()) or step % args.save_every == 0 or step == args.steps:  # checked now, then saved
         read(*(pending or (step, None, None, bad)))
         pending = None
         save_checkpoint(step)
