@@ -110,7 +110,7 @@ def write_atomic(path, write):
         tmp.write_bytes(write) if isinstance(write, bytes) else write(tmp)
         umask = os.umask(0o22)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors' save_file) replace the file with a private (0600) one
+        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors' save_file) replace it with a private (0600) file
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
